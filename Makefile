@@ -1,0 +1,62 @@
+# Two commands a user needs: `make run` and `make test`. Everything else is their plumbing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= node.yaml
+# Debian packages the integration tests drive for real: dcmtk (storescu/storescp/echoscu),
+# orthanc (a real PACS), dicom3tools (dciodvfy).
+APT_PACKAGES := dcmtk orthanc dicom3tools
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install install-test apt-test-deps run test lint typecheck unit bench clean
+
+install: $(VENV)/.install-stamp
+
+$(VENV)/.install-stamp: pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+install-test: $(VENV)/.test-stamp
+
+$(VENV)/.test-stamp: $(VENV)/.install-stamp
+	# torch first, pinned, so nothing below resolves a CUDA build.
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+apt-test-deps:
+	@missing=""; \
+	command -v /usr/bin/storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v /usr/bin/Orthanc >/dev/null || missing="$$missing orthanc"; \
+	command -v /usr/bin/dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+run: install
+	$(BIN)/dicom-node serve --config $(CONFIG)
+
+lint: install-test
+	$(BIN)/ruff check .
+
+typecheck: install-test
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: install-test apt-test-deps lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+unit: install-test
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: install-test apt-test-deps
+	$(BIN)/python bench/infer.py
+	$(BIN)/python bench/receive.py
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,333 @@
+"""The node's configuration: one frozen, validated schema, loaded once at start.
+
+Every key has its default here and nowhere else, so ``node.yaml`` documents the whole interface and the code
+holds no hidden defaults. Unknown keys are rejected (a typo must not silently fall back to a default), and a bad
+value fails at start with a message that names the key.
+
+Environment variables override the file for containers: ``DICOM_NODE__NODE__AE_TITLE=FOO`` sets
+``node.ae_title``; the value is parsed as YAML, so ``DICOM_NODE__STORAGE__FSYNC=false`` is a boolean.
+
+Relative paths in the file are resolved against the file's own directory, so a config and the folders it names
+can move together; with no file they are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DICOM_NODE__"
+
+AETitle = Annotated[
+    str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")
+]
+"""An AE title: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 VR AE)."""
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, the key and the cause."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    """The DIMSE service the node offers."""
+
+    ae_title: AETitle = "COVIDSEG"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: int = Field(10, ge=1, le=1000)
+    allowed_calling_ae_titles: tuple[AETitle, ...] = ()
+    """Empty: any calling AE title is accepted. Otherwise only these."""
+    accept_other_sop_classes: bool = False
+    """False: storage SOP classes other than CT / Enhanced CT are refused at negotiation. True: they are accepted,
+    stored nowhere and answered Success, for senders that push whole studies."""
+    max_pdu_size: int = Field(4_194_304, ge=0)
+    """Largest P-DATA PDU we accept (0 = unlimited)."""
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+
+class StorageSection(_Section):
+    """Where received bytes and all durable state live."""
+
+    dir: Path = Path("var")
+    fsync: bool = True
+    """fsync each received file and its directory before answering Success. Turning it off trades the promise
+    that nothing acknowledged is lost on power failure for speed; keep it on in production."""
+    min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    """Below this much free space in ``dir``, new instances are refused with Out of Resources (0xA700)."""
+
+
+class SeriesSection(_Section):
+    """When a series counts as complete."""
+
+    quiet_seconds: float = Field(10.0, gt=0)
+    """A series is complete this long after its last instance arrived."""
+    complete_on_release: bool = True
+    """Complete earlier, when the association that delivered it is released and its slices form a contiguous,
+    evenly spaced stack."""
+    on_new_instances_after_done: Literal["rerun", "ignore"] = "rerun"
+    """Instances arriving for a series already processed: start a new run of it, or only store them."""
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class SelectionSection(_Section):
+    """Which complete series are processed; the others are recorded as skipped with the reason."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")
+    """The first values of ImageType (0008,0008) a series must carry; empty disables the check."""
+    axial_tolerance_deg: float = Field(30.0, ge=0, le=90)
+    """Largest angle between the slice normal and the patient's head-foot axis for a series to count as axial."""
+    min_slices: int = Field(8, ge=1)
+
+
+class ReconstructionSection(_Section):
+    """Policies for geometry that naive slice stacking gets wrong."""
+
+    gantry_tilt: Literal["reject", "resample"] = "resample"
+    """Slices sheared by gantry tilt: refuse the series, or resample onto a regular axial grid."""
+    uneven_spacing: Literal["reject", "resample"] = "resample"
+    """Missing or unevenly spaced slices: refuse, or resample onto the median spacing."""
+    spacing_tolerance: float = Field(0.1, gt=0, lt=1)
+    """Relative deviation of a slice step from the median step that still counts as even."""
+    max_gap_slices: float = Field(3.0, ge=1)
+    """With uneven_spacing=resample, a gap larger than this many median steps is still refused: interpolating
+    across it would invent anatomy."""
+    duplicate_positions: Literal["reject", "keep_latest"] = "keep_latest"
+    """Two instances (different SOP Instance UIDs) at one position: refuse, or keep the later-acquired one."""
+    decode_workers: int = Field(2, ge=1, le=64)
+
+
+class TritonSection(_Section):
+    """How the node reaches Triton, and whether it starts one itself."""
+
+    url: str = "127.0.0.1:8001"
+    protocol: Literal["grpc", "http"] = "grpc"
+    managed: bool = True
+    """Start a local tritonserver on ``model_repository`` when the URL is local and nothing answers there."""
+    http_port: Port = 8000
+    grpc_port: Port = 8001
+    metrics_port: Port = 8002
+    startup_timeout_s: float = Field(180.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(2, ge=0, le=10)
+    """Bounded retries of a failed request (connection errors and timeouts only)."""
+    max_in_flight: int = Field(2, ge=1, le=64)
+    shared_memory: bool = False
+    """Pass tensors through system shared memory (server on this host only)."""
+
+
+class OnnxRuntimeSection(_Section):
+    """In-process inference on the same ONNX file Triton serves."""
+
+    intra_op_threads: int = Field(0, ge=0)
+    """0: ONNX Runtime's default (one per physical core)."""
+
+
+class InferenceSection(_Section):
+    backend: Literal["triton", "onnxruntime"] = "triton"
+    config: Path = Path("config/config_inference.json")
+    model_repository: Path = Path("models")
+    triton: TritonSection = TritonSection()
+    onnxruntime: OnnxRuntimeSection = OnnxRuntimeSection()
+
+
+class WorkersSection(_Section):
+    """The job queue's worker pool."""
+
+    count: int = Field(1, ge=1, le=32)
+    max_attempts: int = Field(3, ge=1, le=100)
+    lease_seconds: float = Field(1800.0, gt=0)
+    """A claimed job whose worker vanished (crash) goes back to the queue after this long."""
+
+
+class Destination(_Section):
+    """A DICOM peer that receives every SEG the node writes."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+    calling_ae_title: AETitle | None = None
+    """Our AE title towards this peer; defaults to node.ae_title."""
+
+
+class ExportSection(_Section):
+    """The persistent outbox: each (SEG, destination) pair is retried on its own."""
+
+    max_attempts: int = Field(8, ge=1, le=1000)
+    backoff_initial_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    workers: int = Field(2, ge=1, le=32)
+
+
+class SegSection(_Section):
+    """The DICOM SEG the node writes."""
+
+    series_number: int = Field(9901, ge=0, le=2**31 - 1)
+    series_description: str = Field("AI ground-glass opacity (not for diagnostic use)", max_length=64)
+    include_empty_frames: bool = False
+    """False: one frame per source slice where the mask is non-empty. True: a frame for every source slice."""
+    manufacturer: str = "dicom-node project"
+    manufacturer_model_name: str = "dicom-node"
+    device_serial_number: str = "0001"
+    institution_name: str | None = None
+
+
+class PublishSection(_Section):
+    """Optional MetaImage output per job, as the Clara operator wrote it."""
+
+    output_dir: Path | None = None
+    publish_dir: Path | None = None
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = False
+    """One JSON object per line (for log shippers) instead of plain text."""
+
+
+class Settings(_Section):
+    """The whole node configuration (node.yaml)."""
+
+    node: NodeSection = NodeSection()
+    storage: StorageSection = StorageSection()
+    series: SeriesSection = SeriesSection()
+    selection: SelectionSection = SelectionSection()
+    reconstruction: ReconstructionSection = ReconstructionSection()
+    inference: InferenceSection = InferenceSection()
+    workers: WorkersSection = WorkersSection()
+    destinations: tuple[Destination, ...] = ()
+    export: ExportSection = ExportSection()
+    seg: SegSection = SegSection()
+    publish: PublishSection = PublishSection()
+    logging: LoggingSection = LoggingSection()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        seen: set[tuple[str, str, int]] = set()
+        for dest in value:
+            key = (dest.ae_title, dest.host, dest.port)
+            if key in seen:
+                raise ValueError(f"destination {dest.ae_title}@{dest.host}:{dest.port} is listed twice")
+            seen.add(key)
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.export.backoff_max_s < self.export.backoff_initial_s:
+            raise ValueError("export.backoff_max_s must be >= export.backoff_initial_s")
+        return self
+
+    def resolve_paths(self, base: Path) -> Settings:
+        """Return a copy whose relative paths are anchored at ``base``."""
+
+        def anchor(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            return p if p.is_absolute() else (base / p).resolve()
+
+        inference = self.inference.model_copy(
+            update={
+                "config": anchor(self.inference.config),
+                "model_repository": anchor(self.inference.model_repository),
+            }
+        )
+        return self.model_copy(
+            update={
+                "storage": self.storage.model_copy(update={"dir": anchor(self.storage.dir)}),
+                "inference": inference,
+                "publish": self.publish.model_copy(
+                    update={
+                        "output_dir": anchor(self.publish.output_dir),
+                        "publish_dir": anchor(self.publish.publish_dir),
+                    }
+                ),
+            }
+        )
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            continue
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {name}: {'.'.join(keys)} conflicts with another override")
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment {name}: value is not valid YAML: {exc}") from exc
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None, environ: dict[str, str] | None = None) -> Settings:
+    """Load, override from the environment, validate and anchor paths. Raises ConfigError naming the key."""
+    env = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    source = "embedded defaults"
+    base = Path.cwd()
+    if path is not None:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+        base = path.resolve().parent
+    overrides = _env_overrides(env)
+    if overrides:
+        data = _merge(data, overrides)
+        source += " + environment"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(source, exc)) from exc
+    return settings.resolve_paths(base)
