@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from inference.spec import InferenceSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,3 +26,21 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared test data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def inference_spec(repo_root: Path) -> InferenceSpec:
+    """The project's config/config_inference.json, parsed."""
+    from inference.spec import load_spec
+
+    return load_spec(repo_root / "config" / "config_inference.json")
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Triton model repository in a temp folder: models/segmentation_ct_covid_lesion_v1/ copied, plus
+    ``1/model.onnx`` (the committed model if there is one, else a fixed-seed random SegResNet exported to ONNX;
+    see tests/model_export.py)."""
+    from tests.model_export import build_model_repository
+
+    return build_model_repository(tmp_path_factory.mktemp("model_repository"))

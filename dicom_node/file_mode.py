@@ -1,0 +1,120 @@
+"""``dicom-node infer``: the file-mode operator that replaces Clara Deploy's COVID-19 lesion segmentation.
+
+One volume in ``input_dir`` -> ``<name>.mhd`` + ``.raw`` (uint8 labels on exactly the input grid) in
+``output_dir``; with ``publish_dir``, also the Clara Render Server layout (original volume, ``<name>.output.mhd``,
+``config_render.json``, ``config.meta``). Errors propagate as InferenceError subclasses; cli.py prints them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from dicom_node.settings import Settings
+from inference.backend import Backend
+from inference.pipeline import SegmentationResult, segment
+from inference.spec import InferenceSpec, load_spec
+from inference.volume_io import InputVolume, read_volume
+from inference.writers import OutputError, write_label, write_publish
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[Settings, InferenceSpec, "str | None"], AbstractContextManager[Backend]]
+
+RENDER_CONFIG_NAME = "config_render.json"
+_PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "config"
+
+
+def _default_backend_factory(
+    settings: Settings, spec: InferenceSpec, backend: str | None
+) -> AbstractContextManager[Backend]:
+    try:
+        from dicom_node.inference_runtime import open_backend
+    except ModuleNotFoundError as exc:  # the runtime module is optional for the ONNX Runtime path
+        if exc.name != "dicom_node.inference_runtime" or (backend or settings.inference.backend) != "onnxruntime":
+            raise
+        return onnxruntime_backend(settings, spec, backend)
+    runtime: AbstractContextManager[Backend] = open_backend(settings, spec, backend)
+    return runtime
+
+
+@contextmanager
+def onnxruntime_backend(settings: Settings, spec: InferenceSpec, backend: str | None = None) -> Iterator[Backend]:
+    """An ONNX Runtime backend on ``<model_repository>/<name>/<version>/<onnx_file>`` (checked on open)."""
+    from inference.onnx_backend import OnnxRuntimeBackend
+
+    runtime = OnnxRuntimeBackend(
+        spec, spec.model.onnx_path(settings.inference.model_repository), settings.inference.onnxruntime.intra_op_threads
+    )
+    try:
+        runtime.check()
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def render_config_path(spec: InferenceSpec) -> Path:
+    """``config_render.json`` beside the spec, else the one shipped in the project's ``config/``."""
+    if spec.source is not None:
+        beside = spec.source.parent / RENDER_CONFIG_NAME
+        if beside.is_file():
+            return beside
+    return _PACKAGED_CONFIG / RENDER_CONFIG_NAME
+
+
+def write_outputs(
+    volume: InputVolume,
+    result: SegmentationResult,
+    spec: InferenceSpec,
+    output_dir: Path,
+    publish_dir: Path | None,
+) -> Path:
+    """The MHD label in ``output_dir`` and, if asked, the publish folder. Returns the label header's path."""
+    header = write_label(result.label, output_dir, volume.name)
+    if publish_dir is not None:
+        write_publish(
+            publish_dir,
+            name=volume.name,
+            label=result.label,
+            original_files=volume.files if volume.kind != "dicom" else (),
+            render_config=render_config_path(spec),
+            model_name=spec.model.name,
+            density_image=volume.image if volume.kind == "dicom" else None,
+        )
+    return header
+
+
+def run_file_mode(
+    settings: Settings,
+    *,
+    input_dir: Path,
+    output_dir: Path,
+    publish_dir: Path | None = None,
+    spec_path: Path | None = None,
+    backend: str | None = None,
+    backend_factory: BackendFactory | None = None,
+) -> int:
+    """Segment the one volume of ``input_dir``; returns 0. ``backend`` overrides ``settings.inference.backend``.
+
+    ``backend_factory`` (settings, spec, backend name) -> context manager yielding a Backend; by default
+    ``dicom_node.inference_runtime.open_backend``, which starts a managed Triton when it has to.
+    """
+    t0 = time.perf_counter()
+    spec = load_spec(spec_path or settings.inference.config)
+    publish_dir = publish_dir if publish_dir is not None else settings.publish.publish_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"{output_dir}: output path exists and is not a folder")
+    volume = read_volume(input_dir)
+    t_read = time.perf_counter() - t0
+    factory = backend_factory or _default_backend_factory
+    with factory(settings, spec, backend) as runtime:
+        result = segment(volume.image, spec, runtime)
+    t1 = time.perf_counter()
+    header = write_outputs(volume, result, spec, output_dir, publish_dir)
+    t_write = time.perf_counter() - t1
+    stages = " ".join(f"{k}={v:.2f}s" for k, v in {"read": t_read, **result.timings, "write": t_write}.items())
+    log.info("%s -> %s (%s)", volume.source, header, stages)
+    return 0

@@ -1,0 +1,115 @@
+"""Geometry and intensity transforms around the network, all driven by the spec.
+
+- ``resample_to_spacing``: SimpleITK onto the spec's spacing, keeping origin and direction and covering the same
+  physical extent (``round(size * spacing / new_spacing)`` voxels per axis), output float32.
+- ``normalise_intensity``: window [a_min, a_max] -> [b_min, b_max], clipped, in place on a float32 array.
+- ``restore_labels``: a label image on the model grid back onto exactly the input grid (size, spacing, origin,
+  direction), nearest neighbour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+from inference.spec import IntensitySpec
+
+_INTERPOLATORS = {
+    "linear": sitk.sitkLinear,
+    "nearest": sitk.sitkNearestNeighbor,
+    "bspline": sitk.sitkBSpline,
+}
+
+
+def resampled_size(image: sitk.Image, spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Voxels per axis (x, y, z) that cover the image's physical extent at ``spacing``."""
+    return tuple(  # type: ignore[return-value]
+        max(1, round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)
+    )
+
+
+def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolation: str = "linear") -> sitk.Image:
+    """Resample onto ``spacing`` (x, y, z mm) with the same origin and direction; float32 out.
+
+    Points past the last input voxel centre (less than half an output voxel) take the nearest edge value
+    rather than a fill value, so the border is not darkened.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    if tuple(image.GetSpacing()) == spacing:
+        return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.Resample(
+        image,
+        resampled_size(image, spacing),
+        sitk.Transform(),
+        _INTERPOLATORS[interpolation],
+        image.GetOrigin(),
+        spacing,
+        image.GetDirection(),
+        0.0,
+        sitk.sitkFloat32,
+        True,
+    )
+
+
+def normalise_intensity(array: npt.NDArray[np.float32], spec: IntensitySpec) -> npt.NDArray[np.float32]:
+    """``(clip(x, a_min, a_max) - a_min) / (a_max - a_min) * (b_max - b_min) + b_min``, in place; returns array."""
+    if spec.clip:
+        np.clip(array, spec.a_min, spec.a_max, out=array)
+    scale = (spec.b_max - spec.b_min) / (spec.a_max - spec.a_min)
+    np.subtract(array, np.float32(spec.a_min), out=array)
+    np.multiply(array, np.float32(scale), out=array)
+    if spec.b_min != 0.0:
+        np.add(array, np.float32(spec.b_min), out=array)
+    return array
+
+
+def image_to_float32_array(image: sitk.Image) -> npt.NDArray[np.float32]:
+    """A writable float32 (z, y, x) copy of a scalar image."""
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(image)
+
+
+def label_image_on_grid(labels: npt.NDArray[np.uint8], grid: sitk.Image) -> sitk.Image:
+    """Wrap a (z, y, x) uint8 array as an image with ``grid``'s spacing, origin and direction."""
+    out = sitk.GetImageFromArray(labels, isVector=False)
+    out.SetSpacing(grid.GetSpacing())
+    out.SetOrigin(grid.GetOrigin())
+    out.SetDirection(grid.GetDirection())
+    return out
+
+
+def restore_labels(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resample of ``labels`` onto exactly ``reference``'s grid; uint8 out.
+
+    Only the reference's geometry is used (its pixels are not read). When the grids coincide the labels are
+    returned as they are, with the reference's geometry copied bit for bit.
+    """
+    if (
+        labels.GetSize() == reference.GetSize()
+        and labels.GetSpacing() == reference.GetSpacing()
+        and labels.GetOrigin() == reference.GetOrigin()
+        and labels.GetDirection() == reference.GetDirection()
+    ):
+        out = labels if labels.GetPixelID() == sitk.sitkUInt8 else sitk.Cast(labels, sitk.sitkUInt8)
+    else:
+        out = sitk.Resample(
+            labels,
+            reference.GetSize(),
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            reference.GetOrigin(),
+            reference.GetSpacing(),
+            reference.GetDirection(),
+            0,
+            sitk.sitkUInt8,
+            True,
+        )
+    # Resample already sets this geometry; copy it again so it is the reference's, bit for bit.
+    out.SetOrigin(reference.GetOrigin())
+    out.SetSpacing(reference.GetSpacing())
+    out.SetDirection(reference.GetDirection())
+    return out
