@@ -32,6 +32,23 @@ class JobState(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Job:
+    """One run of one series in the persistent queue (a row of the ``jobs`` table)."""
+
+    id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    run: int
+    state: JobState
+    attempts: int
+    reason: str | None
+    created_at: float
+    updated_at: float
+    lease_expires_at: float | None = None
+    """While INFERRING: when the claim lapses and the job goes back to the queue."""
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """One stored instance: where its bytes are and the header facts routing needs (no pixel data read)."""
 

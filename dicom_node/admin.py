@@ -1,0 +1,101 @@
+"""``dicom-node status`` and ``dicom-node retry``: read and nudge the state database (safe while serving)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from dicom_node.db import DB_NAME, Database
+from dicom_node.errors import NodeError
+from dicom_node.settings import Settings
+
+
+def _open(settings: Settings) -> Database:
+    path = settings.storage.dir / DB_NAME
+    if not path.exists():
+        raise NodeError(f"{path}: no state database (has the node ever run with storage.dir={settings.storage.dir}?)")
+    return Database(path)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def collect_status(settings: Settings) -> dict[str, Any]:
+    db = _open(settings)
+    try:
+        series = [dict(r) for r in db.query("SELECT * FROM series ORDER BY first_arrival")]
+        jobs = [dict(r) for r in db.query("SELECT * FROM jobs ORDER BY id")]
+        events = [dict(r) for r in db.query("SELECT * FROM events ORDER BY id DESC LIMIT 50")]
+    finally:
+        db.close()
+    out: dict[str, Any] = {"series": series, "jobs": jobs, "events": events}
+    try:
+        from dicom_node import outbox
+
+        lister = getattr(outbox, "list_rows", None) or getattr(outbox, "list_exports", None)
+        if callable(lister):
+            rows = lister(settings)
+            out["exports"] = [r if isinstance(r, dict) else getattr(r, "__dict__", str(r)) for r in rows]
+    except ImportError:
+        pass
+    return out
+
+
+def print_status(settings: Settings, as_json: bool = False) -> int:
+    status = collect_status(settings)
+    if as_json:
+        json.dump(status, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return 0
+    w = sys.stdout.write
+    w(f"series ({len(status['series'])})\n")
+    for s in status["series"]:
+        w(
+            f"  {s['series_instance_uid']}  {s['modality'] or '?':<3} {s['instance_count']:>5} inst  run {s['run']}  "
+            f"{s['state']:<10} last {_when(s['last_arrival'])}\n"
+        )
+    w(f"jobs ({len(status['jobs'])})\n")
+    for j in status["jobs"]:
+        reason = f"  {j['reason']}" if j["reason"] else ""
+        w(
+            f"  {j['id']:>5}  {j['state']:<9} run {j['run']}  attempts {j['attempts']}  "
+            f"{j['series_instance_uid']}  {_when(j['updated_at'])}{reason}\n"
+        )
+    if "exports" in status:
+        w(f"exports ({len(status['exports'])})\n")
+        for e in status["exports"]:
+            w(f"  {e}\n")
+    if status["events"]:
+        w(f"recent refusals and events ({len(status['events'])})\n")
+        for e in reversed(status["events"]):
+            who = f" {e['calling_ae_title']}" if e["calling_ae_title"] else ""
+            w(f"  {_when(e['at'])} {e['kind']}{who}: {e['reason']}\n")
+    return 0
+
+
+def retry(settings: Settings, job_id: str) -> int:
+    try:
+        jid = int(str(job_id).strip())
+    except ValueError as exc:
+        raise NodeError(f"job {job_id!r}: not a job id (status lists them)") from exc
+    db = _open(settings)
+    try:
+        try:
+            job = db.retry(jid)
+        except (KeyError, ValueError) as exc:
+            raise NodeError(str(exc).strip("'\"")) from exc
+    finally:
+        db.close()
+    try:
+        from dicom_node import outbox
+
+        requeue = getattr(outbox, "retry_failed_for_job", None)
+        if callable(requeue):
+            requeue(settings, jid)
+    except ImportError:
+        pass
+    print(f"job {job.id} re-queued (series {job.series_instance_uid}, run {job.run})")
+    return 0

@@ -1,0 +1,489 @@
+"""The node's durable state: one SQLite file, ``<storage.dir>/state.sqlite3``.
+
+Tables: ``instances`` (one row per stored SOP instance, keyed by its UID, so a duplicate replaces), ``series``
+(last arrival, run counter, state), ``jobs`` (one row per run of a series: received -> complete -> queued ->
+inferring -> exporting -> done / skipped / failed, with reason, attempts and lease), ``events`` (refusals and
+other things an operator must be able to see later: unknown calling AE, unreadable object, bad UID...).
+
+Every state transition is one transaction. The database runs in WAL mode with ``synchronous=FULL`` and a busy
+timeout, so a committed transition survives a crash and concurrent processes (``dicom-node status``) wait
+instead of failing. Other modules (the outbox) open their own connection with :func:`connect`.
+
+Durability order on receipt: the instance file is made durable first (spool), then its row is committed, then
+Success is answered. A crash after the file and before the row leaves a spool file the database does not know;
+:meth:`Database.known_paths` + the daemon's start-up reconciliation re-index such files, so the two always agree
+after a restart (nothing is lost: the sender got no Success and will resend, and the resend replaces the file).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.types import InstanceRecord, Job, JobState, SeriesManifest
+
+DB_NAME = "state.sqlite3"
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    sop_class_uid       TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    size                INTEGER NOT NULL,
+    calling_ae_title    TEXT NOT NULL,
+    association_id      TEXT NOT NULL,
+    received_at         REAL NOT NULL,
+    modality            TEXT,
+    instance_number     INTEGER,
+    number_of_frames    INTEGER,
+    position            TEXT,
+    orientation         TEXT,
+    run                 INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid  TEXT NOT NULL,
+    modality            TEXT,
+    state               TEXT NOT NULL,
+    run                 INTEGER NOT NULL DEFAULT 0,
+    instance_count      INTEGER NOT NULL DEFAULT 0,
+    first_arrival       REAL NOT NULL,
+    last_arrival        REAL NOT NULL,
+    last_association_id TEXT,
+    released_at         REAL,
+    reason              TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    run                 INTEGER NOT NULL,
+    state               TEXT NOT NULL,
+    reason              TEXT,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    lease_expires_at    REAL,
+    not_before          REAL,
+    created_at          REAL NOT NULL,
+    updated_at          REAL NOT NULL,
+    UNIQUE (series_instance_uid, run)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS events (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    at                  REAL NOT NULL,
+    kind                TEXT NOT NULL,
+    calling_ae_title    TEXT,
+    association_id      TEXT,
+    sop_instance_uid    TEXT,
+    series_instance_uid TEXT,
+    status              INTEGER,
+    reason              TEXT NOT NULL,
+    path                TEXT
+);
+"""
+
+SERIES_RECEIVING = "receiving"
+"""The series has an open run (its job is RECEIVED)."""
+SERIES_PROCESSED = "processed"
+"""Its last run was declared complete; new instances start a rerun or are only stored (config)."""
+
+
+def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """Open the state database with the node's settings (WAL, synchronous, busy timeout) and the schema.
+
+    The connection is in autocommit mode (``isolation_level=None``); use :func:`transaction` for writes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): one state transition."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=int(row["id"]),
+        study_instance_uid=row["study_instance_uid"],
+        series_instance_uid=row["series_instance_uid"],
+        run=int(row["run"]),
+        state=JobState(row["state"]),
+        attempts=int(row["attempts"]),
+        reason=row["reason"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        lease_expires_at=row["lease_expires_at"],
+    )
+
+
+def _instance(row: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=row["sop_instance_uid"],
+        sop_class_uid=row["sop_class_uid"],
+        study_instance_uid=row["study_instance_uid"],
+        series_instance_uid=row["series_instance_uid"],
+        transfer_syntax_uid=row["transfer_syntax_uid"],
+        path=Path(row["path"]),
+        size=int(row["size"]),
+        calling_ae_title=row["calling_ae_title"],
+        association_id=row["association_id"],
+        received_at=float(row["received_at"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    """What the receive path parsed from an instance's header (never the pixels)."""
+
+    modality: str | None = None
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+    position: tuple[float, float, float] | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    """Outcome of :meth:`Database.add_instance`."""
+
+    job_id: int | None
+    """The open job (RECEIVED) the instance joined; None when it was only stored (policy ignore)."""
+    run: int
+    replaced: bool
+    previous_path: Path | None
+    """When a duplicate SOP Instance UID moved (another series): the old file, now unreferenced."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesStats:
+    """What completion needs to know about an open series (see completion.decide)."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    job_id: int
+    run: int
+    instance_count: int
+    last_arrival: float
+    released_at: float | None
+    """When the association that delivered the last instance was released (None: open, aborted or unknown)."""
+
+
+class Database:
+    """The daemon's handle on the state database: one connection, one lock, short transactions."""
+
+    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._conn = connect(path)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    # -- receive -------------------------------------------------------------------------------------------
+    def add_instance(self, rec: InstanceRecord, facts: HeaderFacts, on_done: str = "rerun") -> StoredInstance:
+        """Record one durably stored instance; opens the series' run (job RECEIVED) when needed. One tx."""
+        now = rec.received_at
+        with self.tx() as c:
+            series = c.execute(
+                "SELECT state, run FROM series WHERE series_instance_uid=?", (rec.series_instance_uid,)
+            ).fetchone()
+            job_id: int | None = None
+            if series is None:
+                run = 1
+                c.execute(
+                    "INSERT INTO series (series_instance_uid, study_instance_uid, modality, state, run, "
+                    "first_arrival, last_arrival) VALUES (?,?,?,?,?,?,?)",
+                    (rec.series_instance_uid, rec.study_instance_uid, facts.modality, SERIES_RECEIVING, run, now, now),
+                )
+                job_id = self._new_job(c, rec, run, now)
+            elif series["state"] == SERIES_RECEIVING:
+                run = int(series["run"])
+                row = c.execute(
+                    "SELECT id FROM jobs WHERE series_instance_uid=? AND run=?", (rec.series_instance_uid, run)
+                ).fetchone()
+                job_id = int(row["id"]) if row else self._new_job(c, rec, run, now)
+            elif on_done == "rerun":
+                run = int(series["run"]) + 1
+                c.execute(
+                    "UPDATE series SET state=?, run=?, reason=NULL WHERE series_instance_uid=?",
+                    (SERIES_RECEIVING, run, rec.series_instance_uid),
+                )
+                job_id = self._new_job(c, rec, run, now)
+            else:
+                run = int(series["run"])
+            old = c.execute(
+                "SELECT path FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
+            ).fetchone()
+            c.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid, rec.sop_class_uid, rec.study_instance_uid, rec.series_instance_uid,
+                    rec.transfer_syntax_uid, str(rec.path), rec.size, rec.calling_ae_title, rec.association_id,
+                    rec.received_at, facts.modality, facts.instance_number, facts.number_of_frames,
+                    json.dumps(facts.position) if facts.position else None,
+                    json.dumps(facts.orientation) if facts.orientation else None, run,
+                ),
+            )  # fmt: skip
+            c.execute(
+                "UPDATE series SET last_arrival=max(last_arrival, ?), last_association_id=?, released_at=NULL, "
+                "instance_count=(SELECT count(*) FROM instances WHERE series_instance_uid=?), "
+                "modality=coalesce(modality, ?) WHERE series_instance_uid=?",
+                (now, rec.association_id, rec.series_instance_uid, facts.modality, rec.series_instance_uid),
+            )
+        previous = Path(old["path"]) if old is not None and old["path"] != str(rec.path) else None
+        return StoredInstance(job_id=job_id, run=run, replaced=old is not None, previous_path=previous)
+
+    def _new_job(self, c: sqlite3.Connection, rec: InstanceRecord, run: int, now: float) -> int:
+        cur = c.execute(
+            "INSERT INTO jobs (study_instance_uid, series_instance_uid, run, state, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (rec.study_instance_uid, rec.series_instance_uid, run, JobState.RECEIVED.value, now, now),
+        )
+        return int(cur.lastrowid or 0)
+
+    def association_released(self, association_id: str, series_uids: Sequence[str], at: float) -> None:
+        """The association that delivered these series was released normally (early completion may apply)."""
+        if not series_uids:
+            return
+        with self.tx() as c:
+            for uid in series_uids:
+                c.execute(
+                    "UPDATE series SET released_at=? WHERE series_instance_uid=? AND last_association_id=?",
+                    (at, uid, association_id),
+                )
+
+    def record_event(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        calling_ae_title: str | None = None,
+        association_id: str | None = None,
+        sop_instance_uid: str | None = None,
+        series_instance_uid: str | None = None,
+        status: int | None = None,
+        path: Path | None = None,
+    ) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO events (at, kind, calling_ae_title, association_id, sop_instance_uid, "
+                "series_instance_uid, status, reason, path) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    self.clock(), kind, calling_ae_title, association_id, sop_instance_uid, series_instance_uid,
+                    status, reason, str(path) if path else None,
+                ),
+            )  # fmt: skip
+
+    def known_paths(self) -> set[str]:
+        return {r["path"] for r in self.query("SELECT path FROM instances")}
+
+    # -- completion ----------------------------------------------------------------------------------------
+    def open_series(self) -> list[SeriesStats]:
+        rows = self.query(
+            "SELECT s.series_instance_uid, s.study_instance_uid, s.run, s.instance_count, s.last_arrival, "
+            "s.released_at, j.id AS job_id FROM series s JOIN jobs j "
+            "ON j.series_instance_uid = s.series_instance_uid AND j.run = s.run "
+            "WHERE s.state=? AND j.state=?",
+            (SERIES_RECEIVING, JobState.RECEIVED.value),
+        )
+        return [
+            SeriesStats(
+                series_instance_uid=r["series_instance_uid"], study_instance_uid=r["study_instance_uid"],
+                job_id=int(r["job_id"]), run=int(r["run"]), instance_count=int(r["instance_count"]),
+                last_arrival=float(r["last_arrival"]), released_at=r["released_at"],
+            )  # fmt: skip
+            for r in rows
+        ]
+
+    def series_geometry(self, series_uid: str) -> tuple[list[list[float]], list[list[float]], int]:
+        """(orientations, positions, multi-frame count) of a series' instances, from the stored header facts."""
+        rows = self.query(
+            "SELECT position, orientation, number_of_frames FROM instances WHERE series_instance_uid=?", (series_uid,)
+        )
+        orientations, positions, multi = [], [], 0
+        for r in rows:
+            if (r["number_of_frames"] or 1) > 1:
+                multi += 1
+            if r["position"] and r["orientation"]:
+                positions.append(json.loads(r["position"]))
+                orientations.append(json.loads(r["orientation"]))
+        return orientations, positions, multi
+
+    def complete_series(self, stats: SeriesStats, why: str) -> bool:
+        """RECEIVED -> COMPLETE -> QUEUED, unless an instance arrived since ``stats`` was read. One tx each."""
+        now = self.clock()
+        with self.tx() as c:
+            cur = c.execute(
+                "UPDATE series SET state=? WHERE series_instance_uid=? AND run=? AND state=? AND last_arrival=?",
+                (SERIES_PROCESSED, stats.series_instance_uid, stats.run, SERIES_RECEIVING, stats.last_arrival),
+            )
+            if cur.rowcount != 1:
+                return False
+            c.execute(
+                "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=? AND state=?",
+                (JobState.COMPLETE.value, why, now, stats.job_id, JobState.RECEIVED.value),
+            )
+        with self.tx() as c:
+            c.execute(
+                "UPDATE jobs SET state=?, updated_at=?, not_before=NULL WHERE id=? AND state=?",
+                (JobState.QUEUED.value, now, stats.job_id, JobState.COMPLETE.value),
+            )
+        return True
+
+    # -- jobs ----------------------------------------------------------------------------------------------
+    def job(self, job_id: int) -> Job | None:
+        rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        if state is None:
+            return [_job(r) for r in self.query("SELECT * FROM jobs ORDER BY id")]
+        return [_job(r) for r in self.query("SELECT * FROM jobs WHERE state=? ORDER BY id", (state.value,))]
+
+    def claim(self, lease_seconds: float) -> Job | None:
+        """QUEUED -> INFERRING for the oldest due job: lease set and the attempt counted before the run."""
+        now = self.clock()
+        with self.tx() as c:
+            row = c.execute(
+                "SELECT id FROM jobs WHERE state=? AND (not_before IS NULL OR not_before<=?) ORDER BY id LIMIT 1",
+                (JobState.QUEUED.value, now),
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "UPDATE jobs SET state=?, attempts=attempts+1, lease_expires_at=?, updated_at=? WHERE id=?",
+                (JobState.INFERRING.value, now + lease_seconds, now, row["id"]),
+            )
+            job = c.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return _job(job)
+
+    def renew_lease(self, job_id: int, lease_seconds: float) -> None:
+        with self.tx() as c:
+            c.execute(
+                "UPDATE jobs SET lease_expires_at=? WHERE id=? AND state=?",
+                (self.clock() + lease_seconds, job_id, JobState.INFERRING.value),
+            )
+
+    def transition(
+        self,
+        job_id: int,
+        to: JobState,
+        reason: str | None = None,
+        *,
+        expect: Sequence[JobState] | None = None,
+        not_before: float | None = None,
+    ) -> bool:
+        """Move a job to ``to`` (only from one of ``expect`` when given). One transaction. False if not moved."""
+        now = self.clock()
+        with self.tx() as c:
+            sql = "UPDATE jobs SET state=?, reason=?, updated_at=?, not_before=?, lease_expires_at=? WHERE id=?"
+            params: list[Any] = [to.value, reason, now, not_before, None, job_id]
+            if expect:
+                sql += f" AND state IN ({','.join('?' * len(expect))})"
+                params += [s.value for s in expect]
+            cur = c.execute(sql, params)
+            return cur.rowcount == 1
+
+    def requeue_expired(self, *, all_inferring: bool = False, max_attempts: int | None = None) -> list[int]:
+        """INFERRING jobs whose lease lapsed (or all of them, at start-up) go back to QUEUED; those past
+        ``max_attempts`` fail instead. Returns the ids moved."""
+        now = self.clock()
+        moved: list[int] = []
+        with self.tx() as c:
+            if all_inferring:
+                rows = c.execute("SELECT id, attempts FROM jobs WHERE state=?", (JobState.INFERRING.value,))
+            else:
+                rows = c.execute(
+                    "SELECT id, attempts FROM jobs WHERE state=? AND lease_expires_at<?",
+                    (JobState.INFERRING.value, now),
+                )
+            for r in rows.fetchall():
+                if max_attempts is not None and r["attempts"] >= max_attempts:
+                    c.execute(
+                        "UPDATE jobs SET state=?, reason=?, updated_at=?, lease_expires_at=NULL WHERE id=?",
+                        (
+                            JobState.FAILED.value,
+                            f"interrupted {r['attempts']} times (node stopped or worker lost); not retried again",
+                            now, r["id"],
+                        ),
+                    )  # fmt: skip
+                else:
+                    c.execute(
+                        "UPDATE jobs SET state=?, reason=?, updated_at=?, lease_expires_at=NULL WHERE id=?",
+                        (JobState.QUEUED.value, "lease expired: worker lost; re-queued", now, r["id"]),
+                    )
+                moved.append(int(r["id"]))
+            # COMPLETE is a transient state between two transactions; finish it.
+            c.execute(
+                "UPDATE jobs SET state=?, updated_at=? WHERE state=?",
+                (JobState.QUEUED.value, now, JobState.COMPLETE.value),
+            )
+        return moved
+
+    def retry(self, job_id: int) -> Job:
+        """A failed or skipped job back to QUEUED (attempts reset). KeyError / ValueError name the job."""
+        with self.tx() as c:
+            row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"job {job_id}: no such job")
+            state = JobState(row["state"])
+            if state not in (JobState.FAILED, JobState.SKIPPED, JobState.DONE):
+                raise ValueError(f"job {job_id}: is {state.value}, only failed, skipped or done jobs can be retried")
+            c.execute(
+                "UPDATE jobs SET state=?, attempts=0, reason=?, not_before=NULL, lease_expires_at=NULL, "
+                "updated_at=? WHERE id=?",
+                (JobState.QUEUED.value, f"retry requested (was {state.value}: {row['reason']})", self.clock(), job_id),
+            )
+            job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(job)
+
+    def manifest(self, job: Job) -> SeriesManifest:
+        """The instances of a job's series as they stand (a rerun sees the whole series, replacements applied)."""
+        rows = self.query(
+            "SELECT * FROM instances WHERE series_instance_uid=? ORDER BY instance_number, sop_instance_uid",
+            (job.series_instance_uid,),
+        )
+        return SeriesManifest(
+            study_instance_uid=job.study_instance_uid,
+            series_instance_uid=job.series_instance_uid,
+            instances=tuple(_instance(r) for r in rows),
+            run=job.run,
+        )

@@ -1,0 +1,518 @@
+"""The DIMSE service: C-ECHO SCP and C-STORE SCP for CT, on pynetdicom.
+
+Receive path of one C-STORE (in the association's thread):
+
+1. SOP class: CT Image Storage / Enhanced CT Image Storage are stored; any other class was refused at
+   negotiation, or (``node.accept_other_sop_classes``) accepted, logged, not stored and answered Success.
+2. Free space below ``storage.min_free_bytes`` -> 0xA700 Out of Resources.
+3. The header is parsed from the encoded bytes (never the pixel data, never decoded): UIDs, modality, geometry,
+   frames. Unreadable -> quarantined with the reason, 0xC000. Where the dataset's own SOP Class / Instance UID
+   is empty, the command's Affected SOP Class / Instance UID stands; an empty or malformed Study or Series
+   Instance UID -> quarantined, 0xA900 with an ErrorComment.
+4. File meta + the dataset bytes exactly as received go to the spool (temp, fsync, rename, fsync folder).
+5. The instance row is committed (the same transaction opens the series' job if needed).
+6. Only then Success (0x0000).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+
+from dicom_node import __version__
+from dicom_node.db import Database, HeaderFacts
+from dicom_node.settings import Settings
+from dicom_node.spool import DiskFull, Spool, clean_uid, is_acceptable_uid
+from dicom_node.types import InstanceRecord
+
+LOG = logging.getLogger("dicom_node.scp")
+
+CT_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
+TRANSFER_SYNTAXES = [
+    str(ExplicitVRLittleEndian),
+    str(ImplicitVRLittleEndian),
+    str(DeflatedExplicitVRLittleEndian),
+    str(JPEGBaseline8Bit),
+    str(JPEGExtended12Bit),
+    str(JPEGLossless),
+    str(JPEGLosslessSV1),
+    str(JPEGLSLossless),
+    str(JPEGLSNearLossless),
+    str(JPEG2000Lossless),
+    str(JPEG2000),
+    str(RLELossless),
+]
+"""What PACS send CT in. Explicit VR Big Endian (retired) is left out on purpose."""
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1506.1"
+IMPLEMENTATION_VERSION = f"DICOMNODE_{__version__}"[:16]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+_HEADER_TAGS = [
+    Tag(0x0008, 0x0016), Tag(0x0008, 0x0018), Tag(0x0008, 0x0060), Tag(0x0020, 0x000D), Tag(0x0020, 0x000E),
+    Tag(0x0020, 0x0013), Tag(0x0020, 0x0032), Tag(0x0020, 0x0037), Tag(0x0028, 0x0008), Tag(0x0008, 0x0005),
+]  # fmt: skip
+_PIXEL_GROUP = 0x7FE0
+
+
+class Refused(Exception):
+    """The instance cannot be stored; ``status`` goes back to the sender with the message as ErrorComment."""
+
+    def __init__(self, status: int, reason: str, *, quarantine: bool = True) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.quarantine = quarantine
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    facts: HeaderFacts
+
+
+def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
+    return bool(tag.group >= _PIXEL_GROUP)
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
+    """Parse the elements before the pixel data of an encoded dataset; raise ValueError when unreadable."""
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise ValueError(f"deflated dataset does not inflate: {exc}") from exc
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    little = transfer_syntax != ExplicitVRBigEndian
+    try:
+        ds = read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop_at_pixels)
+        for tag in _HEADER_TAGS:  # force the values we use to be converted now, inside the try
+            if tag in ds:
+                _ = ds[tag].value
+    except Exception as exc:
+        raise ValueError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    if len(ds) == 0:
+        raise ValueError("dataset is empty or cannot be parsed")
+    return ds
+
+
+def read_header(data: bytes, transfer_syntax: str, cmd_class: str, cmd_instance: str) -> Header:
+    """The routing facts of one received dataset, or :class:`Refused` with the reason."""
+    try:
+        ds = parse_header(data, transfer_syntax)
+    except ValueError as exc:
+        raise Refused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
+    sop_class = clean_uid(ds.get("SOPClassUID")) or cmd_class
+    sop_instance = clean_uid(ds.get("SOPInstanceUID")) or cmd_instance
+    study = clean_uid(ds.get("StudyInstanceUID"))
+    series = clean_uid(ds.get("SeriesInstanceUID"))
+    for name, value in (
+        ("SOPClassUID", sop_class),
+        ("SOPInstanceUID", sop_instance),
+        ("StudyInstanceUID", study),
+        ("SeriesInstanceUID", series),
+    ):
+        if not value:
+            raise Refused(STATUS_DATASET_MISMATCH, f"{name} is empty in the dataset (and in the command)")
+        if not is_acceptable_uid(value):
+            raise Refused(STATUS_DATASET_MISMATCH, f"{name} {value[:80]!r} is not a valid UID (PS3.5 UI)")
+    if sop_instance != cmd_instance and cmd_instance:
+        raise Refused(
+            STATUS_DATASET_MISMATCH,
+            f"SOPInstanceUID {sop_instance} in the dataset differs from the command's {cmd_instance}",
+        )
+    modality = ds.get("Modality")
+    frames: int | None = None
+    try:
+        raw = ds.get("NumberOfFrames")
+        frames = int(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        frames = None
+    number: int | None = None
+    try:
+        raw = ds.get("InstanceNumber")
+        number = int(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    position = _floats(ds.get("ImagePositionPatient"), 3)
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+    facts = HeaderFacts(
+        modality=str(modality).strip() if modality else None,
+        instance_number=number,
+        number_of_frames=frames,
+        position=position,  # type: ignore[arg-type]
+        orientation=orientation,  # type: ignore[arg-type]
+    )
+    return Header(sop_class, sop_instance, study, series, facts)
+
+
+def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble + 'DICM' + group 0002 for a received dataset."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae[:16]
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        # ErrorComment is LO: 64 characters at most, no backslash.
+        ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+@dataclass
+class _AssocState:
+    id: str
+    calling_ae: str
+    address: str
+    started: float
+    stored: int = 0
+    bytes: int = 0
+    refused: int = 0
+    ignored: int = 0
+    series: dict[str, int] = field(default_factory=dict)
+
+
+class StorageSCP:
+    """The AE, its handlers, and the bookkeeping the daemon needs to stop it cleanly."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        db: Database,
+        *,
+        on_released: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.db = db
+        self.on_released = on_released
+        self._ids = itertools.count(1)
+        self._assocs: dict[int, _AssocState] = {}
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._in_flight_cv = threading.Condition()
+        self._server: Any = None
+        self._accepting = True
+        self.ae = self._build_ae()
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_pdu_size = node.max_pdu_size
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.maximum_associations = node.max_associations
+        if node.allowed_calling_ae_titles:
+            ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+        ae.add_supported_context(Verification)
+        for sop in CT_SOP_CLASSES:
+            ae.add_supported_context(sop, TRANSFER_SYNTAXES)
+        if node.accept_other_sop_classes:
+            from pynetdicom import StoragePresentationContexts
+
+            for cx in StoragePresentationContexts:
+                if cx.abstract_syntax not in CT_SOP_CLASSES:
+                    ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def _handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+
+    def start(self) -> int:
+        """Listen (non-blocking); returns the bound port (useful with port 0 in tests)."""
+        node = self.settings.node
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=self._handlers()
+        )
+        self._server.block_on_close = False  # we wait for associations ourselves, with a deadline
+        port: int = self._server.server_address[1]
+        LOG.info("listening", extra={"ae_title": node.ae_title, "port": port, "host": node.host})
+        return port
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; associations already open go on."""
+        self._accepting = False
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def active_associations(self) -> int:
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no association is open (True) or ``timeout`` passed (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.active_associations() == 0:
+                return True
+            time.sleep(0.05)
+        return self.active_associations() == 0
+
+    def abort_all(self) -> None:
+        """Abort what is still open, after the store in flight of each has been answered."""
+        with self._in_flight_cv:
+            self._in_flight_cv.wait_for(lambda: self._in_flight == 0, timeout=30)
+        for assoc in self.ae.active_associations:
+            if assoc.is_acceptor:
+                assoc.abort()
+        self.ae.shutdown()
+
+    # -- association events --------------------------------------------------------------------------------
+    def _state(self, assoc: Any) -> _AssocState:
+        key = id(assoc)
+        st = self._assocs.get(key)
+        if st is None:
+            with self._lock:
+                st = self._assocs.get(key)
+                if st is None:
+                    rq = assoc.requestor
+                    st = _AssocState(
+                        id=f"a{next(self._ids)}-{int(time.time() * 1000) % 10**8}",
+                        calling_ae=str(rq.ae_title).strip(),
+                        address=f"{rq.address}:{rq.port}",
+                        started=time.monotonic(),
+                    )
+                    self._assocs[key] = st
+        return st
+
+    def _on_accepted(self, event: Any) -> None:
+        st = self._state(event.assoc)
+        refused = [cx for cx in event.assoc.rejected_contexts]
+        if not refused:
+            return
+        classes = sorted({str(cx.abstract_syntax) for cx in refused})
+        accepted = {str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts}
+        LOG.debug(f"presentation contexts refused: {', '.join(classes)}", extra={"association": st.id})
+        if not accepted - {str(Verification)}:
+            # Nothing this sender proposed can be stored here: say so where an operator looks.
+            reason = f"SOP classes not accepted (refused at negotiation): {', '.join(classes)[:400]}"
+            LOG.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae})
+            self.db.record_event("context_refused", reason, calling_ae_title=st.calling_ae, association_id=st.id)
+
+    def _on_rejected(self, event: Any) -> None:
+        st = self._state(event.assoc)
+        allowed = self.settings.node.allowed_calling_ae_titles
+        if allowed and st.calling_ae not in allowed:
+            reason = f"association rejected: calling AE title {st.calling_ae!r} is not in node.allowed_calling_ae_titles"
+        else:
+            reason = f"association rejected (limit node.max_associations={self.settings.node.max_associations} or called AE)"
+        LOG.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae, "peer": st.address})
+        self.db.record_event("association_rejected", reason, calling_ae_title=st.calling_ae, association_id=st.id)
+        self._assocs.pop(id(event.assoc), None)
+
+    def _finish(self, event: Any, how: str) -> _AssocState | None:
+        st = self._assocs.pop(id(event.assoc), None)
+        if st is None:
+            return None
+        secs = time.monotonic() - st.started
+        for series_uid, count in st.series.items():
+            LOG.info(
+                "instances stored",
+                extra={"association": st.id, "series_uid": series_uid, "count": count, "calling_ae": st.calling_ae},
+            )
+        level = logging.INFO if how == "released" else logging.WARNING
+        LOG.log(
+            level,
+            f"association {how}",
+            extra={
+                "association": st.id, "calling_ae": st.calling_ae, "peer": st.address, "stored": st.stored,
+                "refused": st.refused, "ignored": st.ignored, "bytes": st.bytes, "seconds": round(secs, 3),
+            },
+        )  # fmt: skip
+        return st
+
+    def _on_released(self, event: Any) -> None:
+        st = self._finish(event, "released")
+        if st is not None and st.series:
+            self.db.association_released(st.id, list(st.series), time.time())
+            if self.on_released is not None:
+                self.on_released()
+
+    def _on_aborted(self, event: Any) -> None:
+        self._finish(event, "aborted")
+
+    def _on_closed(self, event: Any) -> None:
+        # A connection that dropped without release or abort PDU.
+        self._finish(event, "closed")
+
+    def _on_echo(self, event: Any) -> int:
+        return STATUS_SUCCESS
+
+    # -- C-STORE -------------------------------------------------------------------------------------------
+    def _on_store(self, event: Any) -> Any:
+        with self._in_flight_cv:
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._in_flight_cv:
+                self._in_flight -= 1
+                self._in_flight_cv.notify_all()
+
+    def _refuse(self, st: _AssocState, exc: Refused, data: bytes | None, meta: bytes | None, sop: str) -> Dataset:
+        st.refused += 1
+        qpath = None
+        if exc.quarantine and data is not None:
+            try:
+                qpath = self.spool.quarantine(exc.reason, meta or b"", data)
+            except OSError as qexc:
+                LOG.error(f"cannot quarantine: {qexc}", extra={"association": st.id})
+        LOG.warning(
+            f"instance refused: {exc.reason}",
+            extra={
+                "association": st.id, "calling_ae": st.calling_ae, "sop_uid": sop, "status": f"0x{exc.status:04X}",
+                "quarantine": str(qpath) if qpath else None,
+            },
+        )  # fmt: skip
+        try:
+            self.db.record_event(
+                "instance_refused", exc.reason, calling_ae_title=st.calling_ae, association_id=st.id,
+                sop_instance_uid=sop, status=exc.status, path=qpath,
+            )  # fmt: skip
+        except Exception as dbexc:  # the refusal stands even if we cannot record it
+            LOG.error(f"cannot record refusal: {dbexc}", extra={"association": st.id})
+        return _status(exc.status, exc.reason)
+
+    def _store(self, event: Any) -> Any:
+        st = self._state(event.assoc)
+        req = event.request
+        cmd_class = clean_uid(req.AffectedSOPClassUID)
+        cmd_instance = clean_uid(req.AffectedSOPInstanceUID)
+        ts = str(event.context.transfer_syntax)
+        if cmd_class not in CT_SOP_CLASSES:
+            # Only negotiable with node.accept_other_sop_classes.
+            st.ignored += 1
+            LOG.info(
+                "non-CT instance accepted and ignored (node.accept_other_sop_classes)",
+                extra={"association": st.id, "sop_class": cmd_class, "sop_uid": cmd_instance},
+            )
+            return STATUS_SUCCESS
+        data: bytes = event.encoded_dataset(include_meta=False)
+        try:
+            self.spool.check_space(len(data) + 1024)
+        except DiskFull as exc:
+            return self._refuse(st, Refused(STATUS_OUT_OF_RESOURCES, str(exc), quarantine=False), None, None, cmd_instance)
+        try:
+            header = read_header(data, ts, cmd_class, cmd_instance)
+        except Refused as exc:
+            meta = encode_file_meta(cmd_class or "1.2.3", cmd_instance or "1.2.3", ts, st.calling_ae)
+            return self._refuse(st, exc, data, meta, cmd_instance)
+        try:
+            meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, ts, st.calling_ae)
+            path, size = self.spool.store(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, meta, data
+            )
+            rec = InstanceRecord(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                transfer_syntax_uid=ts,
+                path=path,
+                size=size,
+                calling_ae_title=st.calling_ae,
+                association_id=st.id,
+                received_at=time.time(),
+            )
+            stored = self.db.add_instance(rec, header.facts, self.settings.series.on_new_instances_after_done)
+        except OSError as exc:
+            LOG.exception("cannot store instance", extra={"association": st.id, "sop_uid": header.sop_instance_uid})
+            reason = f"cannot store: {exc.strerror or exc}"
+            return self._refuse(st, Refused(STATUS_OUT_OF_RESOURCES, reason, quarantine=False), None, None,
+                                header.sop_instance_uid)  # fmt: skip
+        except Exception as exc:
+            LOG.exception("cannot record instance", extra={"association": st.id, "sop_uid": header.sop_instance_uid})
+            reason = f"cannot record: {type(exc).__name__}: {exc}"
+            return self._refuse(st, Refused(STATUS_PROCESSING_FAILURE, reason, quarantine=False), None, None,
+                                header.sop_instance_uid)  # fmt: skip
+        if stored.previous_path is not None and self.spool.contains(stored.previous_path):
+            stored.previous_path.unlink(missing_ok=True)
+        st.stored += 1
+        st.bytes += size
+        st.series[header.series_instance_uid] = st.series.get(header.series_instance_uid, 0) + 1
+        if LOG.isEnabledFor(logging.DEBUG):
+            LOG.debug(
+                "instance stored",
+                extra={
+                    "association": st.id, "sop_uid": header.sop_instance_uid, "series_uid": header.series_instance_uid,
+                    "replaced": stored.replaced, "job_id": stored.job_id,
+                },
+            )  # fmt: skip
+        return STATUS_SUCCESS
+

@@ -1,0 +1,200 @@
+"""The durable spool: received bytes, laid out by study and series, under names no UID can steer.
+
+Layout under ``<storage.dir>``::
+
+    spool/<study key>/<series key>/<instance key>.dcm     one file per SOP instance, bytes as received
+    quarantine/<time>-<digest>.dcm + .reason.txt           objects refused after receipt, with the reason
+
+A key is the UID itself when it is a well-formed UI value (digits and dots, no empty or leading-zero component,
+64 characters at most: such a name cannot contain a separator or ``..``), otherwise ``x`` + a SHA-256 prefix of
+the raw value. Nothing from a dataset is ever joined to a path without going through :func:`uid_key`.
+
+Every write goes: temp file in the target folder -> write -> fsync -> atomic rename -> fsync of the folder (and
+of each parent created on the way), so once :meth:`Spool.store` returns the file survives a crash or power loss,
+and a reader never sees a half-written file. A second store of the same SOP Instance UID replaces the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from dicom_node.errors import Transient
+
+UID_GRAMMAR = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+"""PS3.5 9.1: components of digits, no leading zero, separated by single dots."""
+UID_CHARSET = re.compile(r"^[0-9.]{1,64}$")
+"""What we accept at all: the UI repertoire and length (leading zeros, which some devices write, are tolerated)."""
+TMP_PREFIX = ".tmp-"
+SUFFIX = ".dcm"
+
+
+class DiskFull(Transient):
+    """Free space in the storage folder is below ``storage.min_free_bytes``."""
+
+
+def clean_uid(value: object) -> str:
+    """A UID value as sent, with the padding (trailing NUL / spaces) PS3.5 allows stripped."""
+    if value is None:
+        return ""
+    return str(value).rstrip("\x00 ").strip()
+
+
+def is_acceptable_uid(uid: str) -> bool:
+    """True when ``uid`` only uses the UI repertoire and length; see :data:`UID_CHARSET`."""
+    return bool(UID_CHARSET.match(uid)) and ".." not in uid and not uid.startswith(".") and not uid.endswith(".")
+
+
+def uid_key(uid: str) -> str:
+    """A file name for ``uid`` that cannot leave its folder: the UID itself if well-formed, else a digest."""
+    if len(uid) <= 64 and UID_GRAMMAR.match(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Writes and finds instance files; thread-safe."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.spool_dir = root / "spool"
+        self.quarantine_dir = root / "quarantine"
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        self._free_checked_at = 0.0
+        self._free_bytes = 0
+        for d in (self.root, self.spool_dir, self.quarantine_dir):
+            self._ensure_dir(d)
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.spool_dir / uid_key(study_uid) / uid_key(series_uid) / (uid_key(sop_uid) + SUFFIX)
+
+    def contains(self, path: Path) -> bool:
+        """True when ``path`` lies inside the spool folder (a guard, on top of the key scheme)."""
+        try:
+            path.resolve().relative_to(self.spool_dir.resolve())
+        except ValueError:
+            return False
+        return True
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path in self._known_dirs:
+            return
+        with self._lock:
+            if path in self._known_dirs:
+                return
+            missing: list[Path] = []
+            p = path
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                except FileExistsError:
+                    pass
+            if self.fsync and missing:
+                # A new directory entry is durable only once its parent is fsync'd.
+                for d in missing:
+                    _fsync_dir(d.parent)
+            self._known_dirs.add(path)
+
+    # -- space ---------------------------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int) -> None:
+        """Raise :class:`DiskFull` when storing ``incoming`` more bytes would go below the threshold."""
+        if self.min_free_bytes <= 0:
+            return
+        now = time.monotonic()
+        # statvfs is cheap, but not free: refresh at most every 50 ms and account for what we wrote since.
+        if now - self._free_checked_at > 0.05:
+            self._free_bytes = self.free_bytes()
+            self._free_checked_at = now
+        else:
+            self._free_bytes -= incoming
+        if self._free_bytes - incoming < self.min_free_bytes:
+            raise DiskFull(
+                f"storage {self.root}: {self._free_bytes} bytes free, below storage.min_free_bytes="
+                f"{self.min_free_bytes}"
+            )
+
+    # -- writes --------------------------------------------------------------------------------------------
+    def _write_atomic(self, final: Path, chunks: tuple[bytes, ...]) -> int:
+        folder = final.parent
+        self._ensure_dir(folder)
+        tmp = folder / f"{TMP_PREFIX}{final.name}.{threading.get_ident()}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        size = 0
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    size += n
+            if self.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(folder)
+        return size
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, *chunks: bytes) -> tuple[Path, int]:
+        """Durably store one instance's bytes (preamble + meta + dataset as chunks); returns (path, size)."""
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        if not self.contains(path.parent):
+            raise ValueError(f"refusing to write outside the spool: {path}")
+        size = self._write_atomic(path, chunks)
+        return path, size
+
+    def quarantine(self, reason: str, *chunks: bytes) -> Path:
+        """Keep an object we refused, with the reason beside it. Returns the object's path."""
+        digest = hashlib.sha256(b"".join(chunks[:1]) + reason.encode()).hexdigest()[:16]
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = self.quarantine_dir / f"{stamp}-{time.time_ns() % 10**9:09d}-{digest}{SUFFIX}"
+        self._write_atomic(path, chunks)
+        self._write_atomic(path.with_suffix(".reason.txt"), (reason.encode("utf-8", "replace") + b"\n",))
+        return path
+
+    # -- recovery ------------------------------------------------------------------------------------------
+    def remove_temp_files(self) -> int:
+        """Delete temp files a crash left behind (never acknowledged). Returns how many."""
+        count = 0
+        for base in (self.spool_dir, self.quarantine_dir):
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    if name.startswith(TMP_PREFIX):
+                        Path(dirpath, name).unlink(missing_ok=True)
+                        count += 1
+        return count
+
+    def iter_files(self) -> Iterator[Path]:
+        """Every stored instance file."""
+        for dirpath, _dirs, files in os.walk(self.spool_dir):
+            for name in files:
+                if name.endswith(SUFFIX) and not name.startswith(TMP_PREFIX):
+                    yield Path(dirpath, name)

@@ -1,0 +1,193 @@
+"""The job queue's worker pool, and the interface of whatever processes a job.
+
+A worker claims the oldest due QUEUED job (QUEUED -> INFERRING, lease set, attempt counted *before* the run, one
+transaction), hands it with its manifest to the :class:`JobProcessor`, and records the :class:`JobOutcome` as
+one transition:
+
+* ``done``                 -> DONE
+* ``exporting``            -> EXPORTING (the outbox moves it to DONE / FAILED when the sends finish)
+* ``skipped(reason)``      -> SKIPPED with the reason (selection said no; inputs kept)
+* ``failed(reason, retryable=True)`` -> QUEUED again after a back-off while attempts < workers.max_attempts,
+  else FAILED; ``retryable=False`` -> FAILED at once. Inputs are never deleted, so ``dicom-node retry`` works.
+
+An exception escaping the processor counts as ``failed(retryable=False)`` for ``Rejected`` and retryable for
+anything else (``Transient``, bugs). The lease is renewed while the processor runs; a worker that vanishes
+(kill -9) leaves an INFERRING job whose lease lapses, and the daemon puts it back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from dicom_node.db import Database
+from dicom_node.errors import Rejected
+from dicom_node.settings import Settings
+from dicom_node.types import Job, JobState, SeriesManifest
+
+LOG = logging.getLogger("dicom_node.jobs")
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What a processor made of a job. Build with the class methods."""
+
+    state: JobState
+    """DONE, EXPORTING, SKIPPED or FAILED."""
+    reason: str | None = None
+    retryable: bool = False
+
+    @classmethod
+    def done(cls, reason: str | None = None) -> JobOutcome:
+        return cls(JobState.DONE, reason)
+
+    @classmethod
+    def exporting(cls, reason: str | None = None) -> JobOutcome:
+        return cls(JobState.EXPORTING, reason)
+
+    @classmethod
+    def skipped(cls, reason: str) -> JobOutcome:
+        return cls(JobState.SKIPPED, reason)
+
+    @classmethod
+    def failed(cls, reason: str, retryable: bool = False) -> JobOutcome:
+        return cls(JobState.FAILED, reason, retryable)
+
+
+class JobProcessor(Protocol):
+    """Turns one claimed job into an outcome. Called from worker threads (one job per call, several at once)."""
+
+    def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome: ...
+
+
+class TransitionLog:
+    """One log line per job transition, with the job's fields."""
+
+    @staticmethod
+    def log(job: Job, to: JobState, reason: str | None, level: int = logging.INFO) -> None:
+        LOG.log(
+            level,
+            f"job {job.id} -> {to.value}" + (f": {reason}" if reason else ""),
+            extra={
+                "job_id": job.id, "state": to.value, "series_uid": job.series_instance_uid,
+                "study_uid": job.study_instance_uid, "run": job.run, "attempts": job.attempts, "reason": reason,
+            },
+        )  # fmt: skip
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Wait before a retryable failure runs again: 10 s, 20 s, 40 s, ... at most 10 min."""
+    return float(min(600, 10 * 2 ** max(0, attempt - 1)))
+
+
+class WorkerPool:
+    """``workers.count`` threads that claim and process jobs until stopped."""
+
+    def __init__(self, settings: Settings, db: Database, processor: JobProcessor) -> None:
+        self.settings = settings
+        self.db = db
+        self.processor = processor
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    def start(self) -> None:
+        for i in range(self.settings.workers.count):
+            t = threading.Thread(target=self._run, name=f"job-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wake(self) -> None:
+        """Look at the queue now (a job was queued)."""
+        self._wake.set()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop claiming; wait up to ``timeout`` for running jobs. False if some are still running (their lease
+        then brings them back to the queue on the next start)."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _run(self) -> None:
+        poll = self.settings.series.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                ran = self.run_one()
+            except Exception:
+                LOG.exception("worker error")
+                ran = False
+            if not ran:
+                self._wake.wait(poll)
+                self._wake.clear()
+
+    def run_one(self) -> bool:
+        """Claim and process one job; False when nothing was due."""
+        wk = self.settings.workers
+        job = self.db.claim(wk.lease_seconds)
+        if job is None:
+            return False
+        with self._busy_lock:
+            self._busy += 1
+        TransitionLog.log(job, JobState.INFERRING, f"attempt {job.attempts}")
+        renew_stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(job.id, renew_stop), daemon=True)
+        renewer.start()
+        try:
+            outcome = self._process(job)
+        finally:
+            renew_stop.set()
+            with self._busy_lock:
+                self._busy -= 1
+        self.record(job, outcome)
+        return True
+
+    def _renew(self, job_id: int, stop: threading.Event) -> None:
+        lease = self.settings.workers.lease_seconds
+        while not stop.wait(max(1.0, lease / 3)):
+            try:
+                self.db.renew_lease(job_id, lease)
+            except Exception:
+                LOG.exception("cannot renew lease", extra={"job_id": job_id})
+
+    def _process(self, job: Job) -> JobOutcome:
+        try:
+            manifest = self.db.manifest(job)
+            if not manifest.instances:
+                return JobOutcome.failed("no stored instance belongs to this series")
+            return self.processor.process(job, manifest)
+        except Rejected as exc:
+            return JobOutcome.failed(str(exc), retryable=False)
+        except Exception as exc:
+            LOG.exception("job processor raised", extra={"job_id": job.id})
+            return JobOutcome.failed(f"{type(exc).__name__}: {exc}", retryable=True)
+
+    def record(self, job: Job, outcome: JobOutcome) -> None:
+        wk = self.settings.workers
+        expect = [JobState.INFERRING]
+        if outcome.state is JobState.FAILED and outcome.retryable and job.attempts < wk.max_attempts:
+            wait = backoff_seconds(job.attempts)
+            reason = f"attempt {job.attempts} failed, retry in {wait:g} s: {outcome.reason}"
+            self.db.transition(job.id, JobState.QUEUED, reason, expect=expect, not_before=time.time() + wait)
+            TransitionLog.log(job, JobState.QUEUED, reason, logging.WARNING)
+            return
+        reason = outcome.reason
+        if outcome.state is JobState.FAILED and outcome.retryable:
+            reason = f"failed after {job.attempts} attempts: {outcome.reason}"
+        if not self.db.transition(job.id, outcome.state, reason, expect=expect):
+            LOG.warning(f"job {job.id}: state changed while it ran; outcome {outcome.state.value} not recorded",
+                        extra={"job_id": job.id})  # fmt: skip
+            return
+        level = logging.WARNING if outcome.state in (JobState.FAILED, JobState.SKIPPED) else logging.INFO
+        TransitionLog.log(job, outcome.state, reason, level)
