@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -33,7 +34,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         db.close()
     out: dict[str, Any] = {"series": series, "jobs": jobs, "events": events}
     try:
-        from dicom_node import outbox
+        outbox = importlib.import_module("dicom_node.outbox")
 
         lister = getattr(outbox, "list_rows", None) or getattr(outbox, "list_exports", None)
         if callable(lister):
@@ -90,7 +91,7 @@ def retry(settings: Settings, job_id: str) -> int:
     finally:
         db.close()
     try:
-        from dicom_node import outbox
+        outbox = importlib.import_module("dicom_node.outbox")
 
         requeue = getattr(outbox, "retry_failed_for_job", None)
         if callable(requeue):

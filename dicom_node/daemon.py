@@ -62,16 +62,13 @@ class DefaultProcessor:
 
     def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
         try:
-            from dicom_node import selection
-
-            select = getattr(selection, "select", None)
-        except ImportError:
-            select = None
-        if select is not None:
-            verdict = select(manifest, self.settings.selection)
-            ok = getattr(verdict, "ok", getattr(verdict, "selected", verdict))
-            if not ok:
-                return JobOutcome.skipped(str(getattr(verdict, "reason", verdict)))
+            selection: Any = importlib.import_module("dicom_node.selection")
+        except ModuleNotFoundError:
+            selection = None
+        if selection is not None and hasattr(selection, "select_series"):
+            verdict = selection.select_series(manifest, self.settings.selection)
+            if not verdict.selected:
+                return JobOutcome.skipped(str(verdict.reason))
         elif self.db is not None:
             modalities = {
                 r["modality"]
@@ -86,8 +83,8 @@ class DefaultProcessor:
                     f"{sorted(wanted)}"
                 )
         try:
-            from dicom_node.reconstruct import reconstruct
-        except ImportError:
+            reconstruct = importlib.import_module("dicom_node.reconstruct").reconstruct
+        except ModuleNotFoundError:
             return JobOutcome.done(f"{len(manifest.instances)} instances (no reconstruction module)")
         try:
             volume = reconstruct(manifest, self.settings.reconstruction)

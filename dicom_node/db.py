@@ -249,9 +249,7 @@ class Database:
                 job_id = self._new_job(c, rec, run, now)
             else:
                 run = int(series["run"])
-            old = c.execute(
-                "SELECT path FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
-            ).fetchone()
+            old = c.execute("SELECT path FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)).fetchone()
             c.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -326,10 +324,14 @@ class Database:
         )
         return [
             SeriesStats(
-                series_instance_uid=r["series_instance_uid"], study_instance_uid=r["study_instance_uid"],
-                job_id=int(r["job_id"]), run=int(r["run"]), instance_count=int(r["instance_count"]),
-                last_arrival=float(r["last_arrival"]), released_at=r["released_at"],
-            )  # fmt: skip
+                series_instance_uid=r["series_instance_uid"],
+                study_instance_uid=r["study_instance_uid"],
+                job_id=int(r["job_id"]),
+                run=int(r["run"]),
+                instance_count=int(r["instance_count"]),
+                last_arrival=float(r["last_arrival"]),
+                released_at=r["released_at"],
+            )
             for r in rows
         ]
 

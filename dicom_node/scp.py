@@ -31,11 +31,12 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -198,10 +199,10 @@ def read_header(data: bytes, transfer_syntax: str, cmd_class: str, cmd_instance:
 def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
     """Preamble + 'DICM' + group 0002 for a received dataset."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     if source_ae:
         meta.SourceApplicationEntityTitle = source_ae[:16]
@@ -275,7 +276,7 @@ class StorageSCP:
             from pynetdicom import StoragePresentationContexts
 
             for cx in StoragePresentationContexts:
-                if cx.abstract_syntax not in CT_SOP_CLASSES:
+                if cx.abstract_syntax and cx.abstract_syntax not in CT_SOP_CLASSES:
                     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
@@ -293,9 +294,7 @@ class StorageSCP:
     def start(self) -> int:
         """Listen (non-blocking); returns the bound port (useful with port 0 in tests)."""
         node = self.settings.node
-        self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=self._handlers()
-        )
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers())
         self._server.block_on_close = False  # we wait for associations ourselves, with a deadline
         port: int = self._server.server_address[1]
         LOG.info("listening", extra={"ae_title": node.ae_title, "port": port, "host": node.host})
@@ -369,9 +368,12 @@ class StorageSCP:
         st = self._state(event.assoc)
         allowed = self.settings.node.allowed_calling_ae_titles
         if allowed and st.calling_ae not in allowed:
-            reason = f"association rejected: calling AE title {st.calling_ae!r} is not in node.allowed_calling_ae_titles"
+            reason = (
+                f"association rejected: calling AE title {st.calling_ae!r} is not in node.allowed_calling_ae_titles"
+            )
         else:
-            reason = f"association rejected (limit node.max_associations={self.settings.node.max_associations} or called AE)"
+            limit = self.settings.node.max_associations
+            reason = f"association rejected (limit node.max_associations={limit} or called AE title)"
         LOG.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae, "peer": st.address})
         self.db.record_event("association_rejected", reason, calling_ae_title=st.calling_ae, association_id=st.id)
         self._assocs.pop(id(event.assoc), None)
@@ -467,7 +469,8 @@ class StorageSCP:
         try:
             self.spool.check_space(len(data) + 1024)
         except DiskFull as exc:
-            return self._refuse(st, Refused(STATUS_OUT_OF_RESOURCES, str(exc), quarantine=False), None, None, cmd_instance)
+            refusal = Refused(STATUS_OUT_OF_RESOURCES, str(exc), quarantine=False)
+            return self._refuse(st, refusal, None, None, cmd_instance)
         try:
             header = read_header(data, ts, cmd_class, cmd_instance)
         except Refused as exc:
@@ -515,4 +518,3 @@ class StorageSCP:
                 },
             )  # fmt: skip
         return STATUS_SUCCESS
-

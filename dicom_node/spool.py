@@ -16,6 +16,7 @@ and a reader never sees a half-written file. A second store of the same SOP Inst
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -106,10 +107,8 @@ class Spool:
                 missing.append(p)
                 p = p.parent
             for d in reversed(missing):
-                try:
+                with contextlib.suppress(FileExistsError):
                     d.mkdir()
-                except FileExistsError:
-                    pass
             if self.fsync and missing:
                 # A new directory entry is durable only once its parent is fsync'd.
                 for d in missing:

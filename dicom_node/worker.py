@@ -178,11 +178,11 @@ class WorkerPool:
         expect = [JobState.INFERRING]
         if outcome.state is JobState.FAILED and outcome.retryable and job.attempts < wk.max_attempts:
             wait = backoff_seconds(job.attempts)
-            reason = f"attempt {job.attempts} failed, retry in {wait:g} s: {outcome.reason}"
-            self.db.transition(job.id, JobState.QUEUED, reason, expect=expect, not_before=time.time() + wait)
-            TransitionLog.log(job, JobState.QUEUED, reason, logging.WARNING)
+            msg = f"attempt {job.attempts} failed, retry in {wait:g} s: {outcome.reason}"
+            self.db.transition(job.id, JobState.QUEUED, msg, expect=expect, not_before=time.time() + wait)
+            TransitionLog.log(job, JobState.QUEUED, msg, logging.WARNING)
             return
-        reason = outcome.reason
+        reason: str | None = outcome.reason
         if outcome.state is JobState.FAILED and outcome.retryable:
             reason = f"failed after {job.attempts} attempts: {outcome.reason}"
         if not self.db.transition(job.id, outcome.state, reason, expect=expect):
