@@ -9,7 +9,12 @@ Every failure raises InputVolumeError with one line naming the path and the caus
 
 from __future__ import annotations
 
+import gzip
+import math
+import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +153,61 @@ def _check_shape(path: Path, dimension: int, size: tuple[int, ...], components: 
         raise InputVolumeError(f"{path}: image is a single slice ({shape}), a 3-D volume is required")
 
 
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1/-2 file must hold, from its header; None if the header is not NIfTI."""
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    return max(offset, 348) + math.prod(max(int(d), 1) for d in dims[1 : ndim + 1]) * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint and fills the rest with zeros: refuse it instead."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        if gz:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(540)
+        else:
+            with path.open("rb") as fh:
+                head = fh.read(540)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputVolumeError(f"{path}: unreadable image: {exc}") from exc
+    expected = _nifti_expected_bytes(head)
+    if expected is None:
+        return  # not a NIfTI header: ITK's own reader reports what is wrong
+    if not gz:
+        actual = path.stat().st_size
+    else:
+        with path.open("rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]
+        if isize == expected % 2**32:
+            return  # the gzip trailer says the whole image is there (the common, cheap case)
+        actual = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    actual += len(chunk)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputVolumeError(f"{path}: unreadable image: compressed data truncated or corrupt ({exc})") from exc
+    if actual < expected:
+        raise InputVolumeError(f"{path}: unreadable image: file is truncated ({actual} of {expected} bytes)")
+
+
 def _read_file(path: Path) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -156,6 +216,8 @@ def _read_file(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputVolumeError(f"{path}: unreadable image: {_one_line(exc)}") from exc
     _check_shape(path, reader.GetDimension(), tuple(reader.GetSize()), reader.GetNumberOfComponents())
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     try:
         image: sitk.Image = reader.Execute()
     except RuntimeError as exc:

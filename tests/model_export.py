@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def export_onnx(net: Any, path: Path, sample_shape: tuple[int, ...] = (1, 1, 64,
     path.parent.mkdir(parents=True, exist_ok=True)
     axes = {0: "batch", 2: "x", 3: "y", 4: "z"}
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
             net,
             (torch.zeros(sample_shape, dtype=torch.float32),),

@@ -1,0 +1,153 @@
+"""``dicom-node infer`` as a subprocess on the real chest CT: outputs, exact geometry, publish folder, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytestmark = pytest.mark.integration
+
+DICOM_NODE = Path(sys.executable).with_name("dicom-node")
+
+
+def _settings(tmp: Path, repo_root: Path, model_repository: Path) -> Path:
+    path = tmp / "node.yaml"
+    path.write_text(
+        "inference:\n"
+        "  backend: onnxruntime\n"
+        f"  config: {repo_root / 'config' / 'config_inference.json'}\n"
+        f"  model_repository: {model_repository}\n"
+    )
+    return path
+
+
+def _infer(settings: Path, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(DICOM_NODE), "infer", "--input", str(inp), "--output", str(out), "--settings", str(settings), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def lung1(shared_data: Path) -> sitk.Image:
+    return sitk.ReadImage(str(shared_data / "chest_ct_volumes" / "lung1_image.nrrd"))
+
+
+@pytest.fixture(scope="module")
+def nifti_run(
+    tmp_path_factory: pytest.TempPathFactory, lung1: sitk.Image, repo_root: Path, model_repository: Path
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    tmp = tmp_path_factory.mktemp("file_mode_nifti")
+    (tmp / "in").mkdir()
+    sitk.WriteImage(lung1, str(tmp / "in" / "lung1.nii.gz"))
+    proc = _infer(
+        _settings(tmp, repo_root, model_repository), tmp / "in", tmp / "out",
+        "--publish", str(tmp / "pub"), "--backend", "onnxruntime",
+    )
+    return tmp, proc
+
+
+def _assert_same_grid(mask: sitk.Image, ref: sitk.Image) -> None:
+    assert mask.GetSize() == ref.GetSize()
+    assert mask.GetSpacing() == ref.GetSpacing()
+    assert mask.GetOrigin() == ref.GetOrigin()
+    assert mask.GetDirection() == ref.GetDirection()
+    assert mask.GetPixelID() == sitk.sitkUInt8
+
+
+def test_nifti_in_mhd_out_with_publish(nifti_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    tmp, proc = nifti_run
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["lung1.mhd", "lung1.raw"]
+    ref = sitk.ReadImage(str(tmp / "in" / "lung1.nii.gz"))
+    mask = sitk.ReadImage(str(tmp / "out" / "lung1.mhd"))
+    _assert_same_grid(mask, ref)
+    values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist())
+    assert values <= {0, 1}
+    pub = tmp / "pub"
+    assert sorted(p.name for p in pub.iterdir()) == [
+        "config.meta", "config_render.json", "lung1.nii.gz", "lung1.output.mhd", "lung1.output.raw",
+    ]
+    assert json.loads((pub / "config.meta").read_text()) == {
+        "density": "lung1.nii.gz",
+        "name": "segmentation_ct_covid_lesion_v1",
+        "seg_masks": ["lung1.output.mhd"],
+        "settings": "config_render.json",
+    }
+    assert (pub / "lung1.nii.gz").read_bytes() == (tmp / "in" / "lung1.nii.gz").read_bytes()
+    published = sitk.ReadImage(str(pub / "lung1.output.mhd"))
+    assert np.array_equal(sitk.GetArrayViewFromImage(published), sitk.GetArrayViewFromImage(mask))
+
+
+def test_mhd_in_with_oblique_direction(
+    tmp_path: Path,
+    lung1: sitk.Image,
+    repo_root: Path,
+    model_repository: Path,
+) -> None:
+    """lung1's voxels as MetaImage with an oblique direction (and a dotted name): the mask has exactly that grid."""
+    import math
+
+    a = math.radians(20.0)
+    oblique = lung1[:, :, 8:40]  # 32 slices: one window in z, to keep the test quick
+    oblique.SetDirection((math.cos(a), -math.sin(a), 0.0, math.sin(a), math.cos(a), 0.0, 0.0, 0.0, 1.0))
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(oblique, str(tmp_path / "in" / "chest.ct.mhd"))
+    proc = _infer(_settings(tmp_path, repo_root, model_repository), tmp_path / "in", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    mask = sitk.ReadImage(str(tmp_path / "out" / "chest.ct.mhd"))
+    _assert_same_grid(mask, sitk.ReadImage(str(tmp_path / "in" / "chest.ct.mhd")))
+    assert not (tmp_path / "pub").exists()
+
+
+def _error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def settings_file(tmp_path: Path, repo_root: Path, model_repository: Path) -> Path:
+    return _settings(tmp_path, repo_root, model_repository)
+
+
+def test_empty_input_folder(tmp_path: Path, settings_file: Path) -> None:
+    (tmp_path / "in").mkdir()
+    _error(_infer(settings_file, tmp_path / "in", tmp_path / "out"), str(tmp_path / "in"), "empty")
+
+
+def test_two_volumes(tmp_path: Path, settings_file: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for name in ("a.nii.gz", "b.mha"):
+        sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkInt16), str(tmp_path / "in" / name))
+    _error(_infer(settings_file, tmp_path / "in", tmp_path / "out"), str(tmp_path / "in"), "2 volumes")
+
+
+def test_unreadable_file(tmp_path: Path, settings_file: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "scan.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    _error(_infer(settings_file, tmp_path / "in", tmp_path / "out"), str(tmp_path / "in" / "scan.nii.gz"),
+           "unreadable")
+
+
+def test_2d_image(tmp_path: Path, settings_file: Path) -> None:
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.Image(64, 64, sitk.sitkInt16), str(tmp_path / "in" / "slice.mha"))
+    _error(_infer(settings_file, tmp_path / "in", tmp_path / "out"), str(tmp_path / "in" / "slice.mha"), "2-D")
+
+
+def test_model_missing(tmp_path: Path, repo_root: Path) -> None:
+    empty_repo = tmp_path / "repo"
+    empty_repo.mkdir()
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkInt16), str(tmp_path / "in" / "v.nii.gz"))
+    proc = _infer(_settings(tmp_path, repo_root, empty_repo), tmp_path / "in", tmp_path / "out",
+                  "--backend", "onnxruntime")
+    _error(proc, str(empty_repo / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx"), "not found")
+    assert not (tmp_path / "out").exists()
