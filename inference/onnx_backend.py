@@ -44,6 +44,9 @@ class OnnxRuntimeBackend:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            # The memory-pattern planner grows the arena again on the second run of a shape (about +300 MB for two
+            # 224 x 224 x 32 windows) for no measurable speed; without it the working set is stable after one run.
+            options.enable_mem_pattern = False
             if self.intra_op_threads > 0:
                 options.intra_op_num_threads = self.intra_op_threads
             options.log_severity_level = 3

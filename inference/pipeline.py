@@ -23,9 +23,9 @@ import numpy.typing as npt
 import SimpleITK as sitk
 
 from inference.backend import Backend
-from inference.errors import SpecError
+from inference.errors import ModelMismatch, SpecError
 from inference.sliding_window import FloatArray, StageTimer, sliding_window_inference
-from inference.spec import InferenceSpec, Layout
+from inference.spec import InferenceSpec
 from inference.transforms import label_image_on_grid, normalise_intensity, resample_to_spacing, restore_labels
 
 STAGES = ("resample", "normalise", "tiling", "model_compute", "blending", "labels", "restore")
@@ -43,18 +43,8 @@ class SegmentationResult:
     windows: int = 0
 
 
-def _to_model(batch: FloatArray, layout: Layout) -> FloatArray:
-    """(N, C, z, y, x) -> the model's layout, contiguous."""
-    if layout == "NCXYZ":
-        return np.ascontiguousarray(batch.transpose(0, 1, 4, 3, 2))
-    return batch
-
-
-def _from_model(batch: FloatArray, layout: Layout) -> FloatArray:
-    """The model's layout -> (N, K, z, y, x) (a view when it is a transpose)."""
-    if layout == "NCXYZ":
-        return batch.transpose(0, 1, 4, 3, 2)
-    return batch
+_XYZ_FROM_ZYX = (2, 1, 0)
+"""Spatial transpose between (z, y, x) and (x, y, z); it is its own inverse."""
 
 
 def _channel_labels(spec: InferenceSpec) -> npt.NDArray[np.uint8]:
@@ -105,26 +95,25 @@ def segment(
     expected_channels = spec.model.output_channels
 
     def predictor(windows: FloatArray) -> FloatArray:
-        t0 = time.perf_counter()
-        batch = _to_model(windows, in_layout)
+        # windows arrive in the input layout (gathered that way); outputs go back in the input layout too.
         t1 = time.perf_counter()
-        out = backend.infer(batch)
+        out = backend.infer(windows)
         t2 = time.perf_counter()
-        timer.add("tiling", t1 - t0)
         timer.add_interval("model_compute", t1, t2)
         if out.ndim == 5 and out.shape[1] != expected_channels:
-            from inference.errors import ModelMismatch
-
             raise ModelMismatch(
                 f"model {spec.model.name}: output has {out.shape[1]} channels, the spec says {expected_channels}"
             )
-        return _from_model(out, out_layout)
+        if out_layout != in_layout and out.ndim == 5:
+            out = out.transpose(0, 1, 4, 3, 2)
+        return out
 
     def logit_difference(out: FloatArray) -> FloatArray:
-        # out is (N, 2, z, y, x), possibly a transposed view: reduce to (N, 1, ...) contiguous.
-        diff = np.empty((out.shape[0], 1, *out.shape[2:]), dtype=np.float32)
-        np.subtract(out[:, 1:2], out[:, 0:1], out=diff)
-        return diff
+        # (N, 2, ...) -> (N, 1, ...): channel 1 minus channel 0, written over channel 1 (no new buffer).
+        if not out.flags.writeable:
+            out = np.array(out)
+        np.subtract(out[:, 1:2], out[:, 0:1], out=out[:, 1:2])
+        return out[:, 1:2]
 
     softmax2 = spec.post.activation == "softmax" and expected_channels == 2
     sigmoid = spec.post.activation == "sigmoid"
@@ -141,6 +130,7 @@ def segment(
         max_in_flight=in_flight,
         window_transform=logit_difference if softmax2 else None,
         normalize=sigmoid,
+        window_axes=_XYZ_FROM_ZYX if in_layout == "NCXYZ" else None,
         timer=timer,
     )
     del volume

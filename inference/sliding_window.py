@@ -162,6 +162,7 @@ def sliding_window_inference(
     max_in_flight: int = 1,
     window_transform: WindowTransform | None = None,
     normalize: bool = True,
+    window_axes: Sequence[int] | None = None,
     timer: StageTimer | None = None,
 ) -> FloatArray:
     """Blend ``predictor`` over windows of ``image`` (C, *spatial) float32; returns (K, *spatial) float32.
@@ -169,6 +170,10 @@ def sliding_window_inference(
     ``roi_size`` is in the array's axis order. With ``normalize=False`` the weighted sum is returned without the
     division by the sum of weights: the weights are positive, so argmax over channels and the sign of a channel
     are the same, and a full pass over the volume (and the count map's memory) is saved.
+
+    ``window_axes`` permutes the spatial axes of each window as it is gathered (numpy ``transpose`` order, e.g.
+    ``(2, 1, 0)`` to hand (z, y, x) data to an x, y, z model) without a separate copy; the predictor's outputs are
+    then expected in that order too and are permuted back (a view) before blending.
 
     Stages timed into ``timer``: ``tiling`` (gathering windows), ``blending`` (weighting, accumulating and the
     final division). The predictor times itself.
@@ -189,32 +194,43 @@ def sliding_window_inference(
     batches = [slices[i : i + batch_size] for i in range(0, len(slices), batch_size)]
     accumulator: FloatArray | None = None
 
+    axes = tuple(int(a) for a in window_axes) if window_axes is not None else tuple(range(len(roi)))
+    if sorted(axes) != list(range(len(roi))):
+        raise ValueError(f"window_axes must be a permutation of the spatial axes, got {window_axes}")
+    gather_axes = (0, *(a + 1 for a in axes))
+    permuted_roi = tuple(roi[a] for a in axes)
+    inverse = (0, 1, *(axes.index(k) + 2 for k in range(len(roi))))
+
     def gather(batch: list[tuple[slice, ...]]) -> FloatArray:
         with timer.stage("tiling"):
-            windows = np.empty((len(batch), padded.shape[0], *roi), dtype=np.float32)
+            windows = np.empty((len(batch), padded.shape[0], *permuted_roi), dtype=np.float32)
             for k, window in enumerate(batch):
-                windows[k] = padded[(slice(None), *window)]
+                windows[k] = padded[(slice(None), *window)].transpose(gather_axes)
             return windows
 
+    permuted_weights = np.ascontiguousarray(weights.transpose(axes))
+
     def blend(batch: list[tuple[slice, ...]], output: FloatArray) -> None:
+        # Weighting happens in the predictor's axis order (contiguous); only the accumulation reads through the
+        # permuted view.
         nonlocal accumulator
-        expected = (len(batch), *roi)
+        expected = (len(batch), *permuted_roi)
         if output.ndim != len(roi) + 2 or (output.shape[0], *output.shape[2:]) != expected:
             raise ModelMismatch(
                 f"model output shape {tuple(output.shape)} does not match the windows sent "
-                f"({len(batch)} windows of {' x '.join(map(str, roi))})"
+                f"({len(batch)} windows of {' x '.join(map(str, permuted_roi))})"
             )
         with timer.stage("blending"):
+            if output.dtype != np.float32 or not output.flags.writeable:
+                output = np.array(output, dtype=np.float32)
             if window_transform is not None:
                 output = window_transform(output)
             if accumulator is None:
                 accumulator = np.zeros((output.shape[1], *spatial), dtype=np.float32)
-            if output.dtype != np.float32 or not output.flags.writeable:
-                output = np.array(output, dtype=np.float32)
+            np.multiply(output, permuted_weights, out=output)
+            output = output.transpose(inverse)
             for k, window in enumerate(batch):
-                part = output[k]
-                np.multiply(part, weights, out=part)
-                accumulator[(slice(None), *window)] += part
+                accumulator[(slice(None), *window)] += output[k]
 
     if max_in_flight == 1 or len(batches) == 1:
         for batch in batches:

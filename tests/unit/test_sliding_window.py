@@ -148,3 +148,20 @@ def test_real_roi_with_segresnet() -> None:
     ref = _reference(image, net, roi_size=roi, sw_batch_size=2, overlap=0.25, mode="gaussian", sigma_scale=0.125)
     out = sliding_window_inference(image, roi, _predictor(net), overlap=0.25, mode="gaussian", batch_size=2)
     assert _rel_err(out, ref) <= 1e-5
+
+
+def test_window_axes_hand_the_model_its_own_layout() -> None:
+    """A (z, y, x) array run on an x, y, z model through window_axes equals MONAI on the transposed array."""
+    net = _net()
+    zyx = np.random.default_rng(6).random((1, 11, 26, 37), dtype=np.float32)
+    xyz = np.ascontiguousarray(zyx.transpose(0, 3, 2, 1))
+    ref = _reference(xyz, net, roi_size=ROI, sw_batch_size=2, overlap=0.25, mode="gaussian").transpose(0, 3, 2, 1)
+    seen: list[tuple[int, ...]] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.shape[2:])
+        return _predictor(net)(batch)
+
+    out = sliding_window_inference(zyx, ROI[::-1], run, mode="gaussian", batch_size=2, window_axes=(2, 1, 0))
+    assert set(seen) == {ROI}
+    assert _rel_err(out, ref) <= 1e-5
