@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -113,16 +113,27 @@ class Header:
     facts: HeaderFacts
 
 
-def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
-    return bool(tag.group >= _PIXEL_GROUP)
-
-
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     return out if len(out) == n else None
+
+
+def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
+    return bool(tag.group >= _PIXEL_GROUP)
+
+
+class _StrictReader(io.BytesIO):
+    """A BytesIO whose short reads are errors: pydicom quietly accepts a value cut off by the end of the data,
+    which would let a truncated or overlong element pass as a readable header."""
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        out = super().read(n)
+        if n is not None and n > 0 and len(out) < n and not (n == 8 and not out):
+            raise EOFError(f"element at offset {self.tell() - len(out)} runs past the end ({n} bytes wanted)")
+        return out
 
 
 def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
@@ -134,8 +145,10 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
             raise ValueError(f"deflated dataset does not inflate: {exc}") from exc
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
+    fp = _StrictReader(data)
     try:
-        ds = read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop_at_pixels)
+        raw = {e.tag: e for e in data_element_generator(fp, implicit, little, stop_when=_stop_at_pixels)}
+        ds = Dataset(raw)
         for tag in _HEADER_TAGS:  # force the values we use to be converted now, inside the try
             if tag in ds:
                 _ = ds[tag].value
@@ -312,7 +325,7 @@ class StorageSCP:
             self._server = None
 
     def active_associations(self) -> int:
-        return len([a for a in self.ae.active_associations if a.is_acceptor])
+        return len([a for a in self.ae.active_associations if a.is_acceptor and a.is_established])
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no association is open (True) or ``timeout`` passed (False)."""
