@@ -8,7 +8,7 @@ CONFIG ?= node.yaml
 APT_PACKAGES := dcmtk orthanc dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test apt-test-deps run test lint typecheck unit bench clean
+.PHONY: install install-test apt-test-deps run test lint typecheck unit bench clean train
 
 install: $(VENV)/.install-stamp
 
@@ -57,6 +57,13 @@ bench: install-test apt-test-deps
 	$(BIN)/python bench/infer.py
 	$(BIN)/python bench/receive.py
 	$(BIN)/python bench/e2e.py
+
+# Retrain the reference model from scratch (CPU, about 45-60 min on 2 cores): models/training/README.md.
+SEED ?= 0
+train: install
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train]'
+	$(BIN)/python models/training/train.py --seed $(SEED) --out models/training/runs/seed$(SEED) $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

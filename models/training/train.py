@@ -1,0 +1,235 @@
+"""Train the reference GGO SegResNet from scratch, export it to ONNX and evaluate it on the held-out background.
+
+    .venv/bin/python models/training/train.py --seed 0 --out models/training/runs/seed0 [--install]
+
+Steps: (1) build (or load from models/training/.cache/) a pool of training volumes on the model grid: the training
+background (lung1) with ground-glass opacities inserted under several seeds, one lesion-free copy, and procedural
+chest phantoms with GGOs and solid nodules; (2) train on random patches (lesion-centred, hard-negative-centred and
+uniform) with AdamW and Dice + cross-entropy, a fixed number of iterations, 2 threads, fixed seeds; (3) export
+``model.onnx`` (NV_MODEL_INPUT / NV_MODEL_OUTPUT, N,C,X,Y,Z, dynamic axes); (4) evaluate on lung2, which training
+never sees (``evaluate.py``), writing ``metrics.json``. ``--install`` copies the ONNX file into the Triton model
+repository (models/segmentation_ct_covid_lesion_v1/1/model.onnx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import simulate
+
+POOL_VERSION = 1
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+# ----------------------------------------------------------------------------------------------- the pool
+def _item(hu: np.ndarray, label: np.ndarray, hard: np.ndarray, spec, rng: np.random.Generator) -> dict:
+    fg = np.argwhere(label > 0)
+    hn = np.argwhere(hard & (label == 0))
+    if len(fg) > 40000:
+        fg = fg[rng.choice(len(fg), 40000, replace=False)]
+    if len(hn) > 40000:
+        hn = hn[rng.choice(len(hn), 40000, replace=False)]
+    return {
+        "image": common.normalise(hu, spec).astype(np.float16),
+        "label": label.astype(np.uint8),
+        "fg": fg.astype(np.int32),
+        "hard": hn.astype(np.int32),
+    }
+
+
+def _hard_negatives(hu: np.ndarray, lung: np.ndarray, solid: np.ndarray, sp) -> np.ndarray:
+    """Where false positives are likely: dense structures in or at the lungs (vessels, nodules, diaphragm)."""
+    near = simulate.dilate_mm(lung, sp, 6.0)
+    return (near & (hu > -600) & simulate.dilate_mm(lung, sp, 2.0)) | solid
+
+
+def build_pool(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  # type: ignore[no-untyped-def]
+    spec = common.spec()
+    sp = tuple(float(v) for v in spec.pre.spacing_mm)
+    cache = CACHE / f"pool_v{POOL_VERSION}_seed{seed}_r{n_real}_p{n_phantoms}"
+    files = sorted(cache.glob("*.npz")) if cache.is_dir() else []
+    if len(files) == n_real + 1 + n_phantoms:
+        log(f"pool: loading {len(files)} volumes from {cache}")
+        return [dict(np.load(f)) for f in files]
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rng = np.random.default_rng([seed, 1])
+    pool: list[dict] = []
+    img, solid = common.load_real(common.TRAIN_BACKGROUND)
+    img_m = common.to_model_grid(img, spec)
+    solid_m = sitk.GetArrayFromImage(common.to_model_grid(common.with_array(solid.astype(np.float32), img), spec, True))
+    solid_m = solid_m > 0.5
+    hu = sitk.GetArrayFromImage(img_m)
+    lung = simulate.lung_mask(hu, sp)
+    hard = _hard_negatives(hu, lung, solid_m, sp)
+    pool.append(_item(hu, np.zeros(hu.shape, np.uint8), hard, spec, rng))  # lesion-free copy
+    for _ in range(n_real):
+        hu2, lab, _les = simulate.insert_ggo(hu, sp, rng, int(rng.integers(3, 13)), exclude=solid_m, lung=lung)
+        pool.append(_item(hu2, lab, hard, spec, rng))
+    for k in range(n_phantoms):
+        vol, nod = simulate.make_phantom(rng, sp)
+        plung = simulate.lung_mask(vol, sp)
+        n = 0 if k % 8 == 7 else int(rng.integers(2, 11))
+        hu2, lab, _les = simulate.insert_ggo(vol, sp, rng, n, exclude=nod, lung=plung)
+        pool.append(_item(hu2, lab, _hard_negatives(vol, plung, nod, sp), spec, rng))
+    for i, it in enumerate(pool):
+        np.savez(cache / f"{i:03d}.npz", **it)
+    log(f"pool: built {len(pool)} volumes in {time.time() - t0:.0f} s -> {cache}")
+    return pool
+
+
+# ----------------------------------------------------------------------------------------------- patches
+def sample_batch(pool: list[dict], rng: np.random.Generator, batch: int, patch_xyz: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+    pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
+    xs, ys = [], []
+    for _ in range(batch):
+        it = pool[int(rng.integers(len(pool)))]
+        img, lab = it["image"], it["label"]
+        u = rng.random()
+        if u < 0.5 and len(it["fg"]):
+            c = it["fg"][rng.integers(len(it["fg"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
+        elif u < 0.7 and len(it["hard"]):
+            c = it["hard"][rng.integers(len(it["hard"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
+        else:
+            c = np.array([rng.integers(0, s) for s in img.shape])
+        lo = c - np.array(pz) // 2
+        x = np.zeros(pz, np.float32)  # 0.0 = the inferer's padding value (-1000 HU and below)
+        y = np.zeros(pz, np.int64)
+        src = tuple(slice(max(0, lo[k]), min(img.shape[k], lo[k] + pz[k])) for k in range(3))
+        dst = tuple(slice(s.start - lo[k], s.stop - lo[k]) for k, s in enumerate(src))
+        x[dst] = img[src]
+        y[dst] = lab[src]
+        if rng.random() < 0.5:  # left-right flip
+            x, y = x[:, :, ::-1], y[:, :, ::-1]
+        x = x * np.float32(rng.uniform(0.97, 1.03)) + np.float32(rng.uniform(-0.015, 0.015))  # about +-20 HU
+        xs.append(x.transpose(2, 1, 0))  # (z,y,x) -> (x,y,z): NCXYZ
+        ys.append(y.transpose(2, 1, 0))
+    return np.ascontiguousarray(np.stack(xs)[:, None]), np.ascontiguousarray(np.stack(ys)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--iters", type=int, default=2800)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--patch", type=int, nargs=3, default=(96, 96, 16), help="x y z voxels (multiples of 8)")
+    ap.add_argument("--final-iters", type=int, default=120, help="last iterations on inference-sized patches")
+    ap.add_argument("--final-patch", type=int, nargs=3, default=(224, 224, 32), help="x y z voxels, batch 1")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--n-real", type=int, default=10, help="lung1 copies with inserted GGO")
+    ap.add_argument("--n-phantoms", type=int, default=22)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see README, faster on a shared machine)")
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
+    args = ap.parse_args(argv)
+
+    import torch
+    from monai.losses import DiceCELoss
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = (args.out / "train.log").open("a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    pool = build_pool(args.seed, args.n_real, args.n_phantoms, log)
+    t_pool = time.time() - t_start
+
+    net = common.make_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-5)
+    warm = min(100, args.iters // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, args.iters - warm))),
+    )
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    rng = np.random.default_rng([args.seed, 2])
+    curve = (args.out / "loss.csv").open("w")
+    curve.write("iter,loss,lr,seconds\n")
+    t0 = time.time()
+    run = 0.0
+    net.train()
+    for it in range(1, args.iters + 1):
+        final = it > args.iters - args.final_iters  # GroupNorm then sees inference-sized windows
+        x, y = sample_batch(pool, rng, 1 if final else args.batch, tuple(args.final_patch if final else args.patch))
+        out = net(torch.from_numpy(x))
+        loss = loss_fn(out, torch.from_numpy(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        lv = loss.item()
+        run = 0.98 * run + 0.02 * lv if it > 1 else lv
+        if it % 25 == 0 or it == 1:
+            el = time.time() - t0
+            curve.write(f"{it},{lv:.5f},{sched.get_last_lr()[0]:.6g},{el:.1f}\n")
+            curve.flush()
+        if it % 100 == 0 or it == 1:
+            el = time.time() - t0
+            eta = (args.iters - it) * el / it / 60
+            log(f"iter {it}/{args.iters} loss {run:.4f} {it / el:.2f} it/s eta {eta:.1f} min")
+        if it % 500 == 0:
+            torch.save(net.state_dict(), args.out / "checkpoint.pt")
+    t_train = time.time() - t0
+    torch.save(net.state_dict(), args.out / "model.pt")
+    log(f"trained {args.iters} iterations in {t_train / 60:.1f} min ({args.iters / t_train:.2f} it/s)")
+
+    import export
+
+    net.eval()
+    onnx_path = args.out / "model.onnx"
+    export.export(net, onnx_path)
+    info = {
+        "seed": args.seed,
+        "iters": args.iters,
+        "batch": args.batch,
+        "patch_xyz": list(args.patch),
+        "final_iters": args.final_iters,
+        "final_patch_xyz": list(args.final_patch),
+        "lr": args.lr,
+        "threads": args.threads,
+        "pool_volumes": len(pool),
+        "pool_seconds": round(t_pool, 1),
+        "train_seconds": round(t_train, 1),
+        "its_per_second": round(args.iters / t_train, 3),
+        "torch": torch.__version__,
+    }
+    (args.out / "train_info.json").write_text(json.dumps(info, indent=2))
+    if not args.no_eval:
+        import evaluate
+
+        metrics = evaluate.evaluate(onnx_path, log=log)
+        metrics["training"] = info
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.install:
+        dest = common.REPO / "models" / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx"
+        shutil.copyfile(onnx_path, dest)
+        log(f"installed {dest}")
+    log(f"total {(time.time() - t_start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
