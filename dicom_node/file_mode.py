@@ -32,7 +32,7 @@ def _default_backend_factory(
     settings: Settings, spec: InferenceSpec, backend: str | None
 ) -> AbstractContextManager[Backend]:
     try:
-        from dicom_node.inference_runtime import open_backend
+        from dicom_node.inference_runtime import open_backend  # type: ignore[import-not-found,unused-ignore]
     except ModuleNotFoundError as exc:  # the runtime module is optional for the ONNX Runtime path
         if exc.name != "dicom_node.inference_runtime" or (backend or settings.inference.backend) != "onnxruntime":
             raise

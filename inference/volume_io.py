@@ -171,7 +171,7 @@ def _nifti_expected_bytes(head: bytes) -> int | None:
     ndim = dims[0]
     if not 1 <= ndim <= 7 or bitpix <= 0:
         return None
-    return max(offset, 348) + math.prod(max(int(d), 1) for d in dims[1 : ndim + 1]) * bitpix // 8
+    return int(max(offset, 348) + math.prod(max(int(d), 1) for d in dims[1 : ndim + 1]) * bitpix // 8)
 
 
 def _check_nifti_complete(path: Path) -> None:

@@ -70,6 +70,7 @@ def test_wrong_channel_count(model_repository: Path, inference_spec: InferenceSp
         OnnxRuntimeBackend(spec, _onnx(model_repository, inference_spec)).check()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_wrong_rank(tmp_path: Path, inference_spec: InferenceSpec) -> None:
     net = torch.nn.Conv2d(1, 2, 3, padding=1)
     path = tmp_path / "model2d.onnx"
