@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dicom_node.settings import Settings
 from inference.backend import Backend
+from inference.errors import BackendUnavailable
 from inference.pipeline import SegmentationResult, segment
 from inference.spec import InferenceSpec, load_spec
 from inference.volume_io import InputVolume, read_volume
@@ -34,8 +35,11 @@ def _default_backend_factory(
     try:
         from dicom_node.inference_runtime import open_backend  # type: ignore[import-not-found,unused-ignore]
     except ModuleNotFoundError as exc:  # the runtime module is optional for the ONNX Runtime path
-        if exc.name != "dicom_node.inference_runtime" or (backend or settings.inference.backend) != "onnxruntime":
+        if exc.name != "dicom_node.inference_runtime":
             raise
+        name = backend or settings.inference.backend
+        if name != "onnxruntime":
+            raise BackendUnavailable(f"{name}: backend not available in this installation ({exc})") from exc
         return onnxruntime_backend(settings, spec, backend)
     runtime: AbstractContextManager[Backend] = open_backend(settings, spec, backend)
     return runtime
