@@ -93,6 +93,18 @@ def run_case(input_file: Path, backend_name: str, repo: Path) -> dict[str, objec
             )
         }
     )
+    # Process baseline: interpreter and libraries with their code paths loaded (a tiny volume through read,
+    # resample and write), so what is measured above it is data and the model.
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from inference.transforms import resample_to_spacing
+
+    with tempfile.TemporaryDirectory() as tiny:
+        sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(Path(tiny) / "t.mhd"))
+        tiny_image = read_volume(Path(tiny)).image
+        write_label(sitk.Cast(resample_to_spacing(tiny_image, (2.0, 2.0, 2.0)) > 0, sitk.sitkUInt8), Path(tiny), "o")
     rss0 = _status_kb("VmRSS")
     try:
         from dicom_node.inference_runtime import open_backend
