@@ -52,8 +52,10 @@ def send(port: int, files: list[Path], syntax: str, associations: int) -> float:
     procs = [
         subprocess.Popen(
             [STORESCU, "-aet", "BENCH", "-aec", NODE_AET, propose, "-R", "127.0.0.1", str(port), *map(str, chunk)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for chunk in chunks
     ]
     for p in procs:
