@@ -260,8 +260,11 @@ def _plan(series_uid: str, instances: list[_Instance], policy: ReconstructionSec
     elif stats.even:
         step = float((t[-1] - t[0]) / (len(t) - 1))
     else:
+        ratios = [stats.steps[i] / stats.median for i in stats.gaps]
+        whole = bool(ratios) and all(abs(r - round(r)) <= policy.spacing_tolerance for r in ratios)
+        small = [s for s in stats.steps if s < stats.median * (1 - policy.spacing_tolerance)]
         what = (
-            f"{stats.missing_slices()} missing slice(s)" if stats.gaps else "uneven slice steps"
+            f"{stats.missing_slices()} missing slice(s)" if whole and not small else "uneven slice steps"
         ) + f" (steps {stats.minimum:.3f}-{stats.maximum:.3f} mm, median {stats.median:.3f} mm)"
         if policy.uneven_spacing == "reject":
             raise Rejected(f"series {series_uid}: {what} (uneven_spacing=reject)")
@@ -321,7 +324,8 @@ def _decode_into(inst: _Instance, slots: list[tuple[int, int]], volume: npt.NDAr
         raise Rejected(f"{inst.label}: cannot read the file: {type(exc).__name__}: {exc}") from exc
     if "PixelData" not in ds:
         present = [kw for kw in ("FloatPixelData", "DoubleFloatPixelData") if kw in ds]
-        raise Rejected(f"{label}: no Pixel Data element{' (' + ', '.join(present) + ' is not CT)' if present else ''}")
+        cause = f"{', '.join(present)} is not a CT image" if present else "the file is truncated or holds no image"
+        raise Rejected(f"{label}: no Pixel Data element ({cause})")
     nframes = len(inst.frames)
     data: bytes = ds.PixelData
     if inst.transfer_syntax.is_encapsulated:
