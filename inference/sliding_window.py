@@ -173,7 +173,8 @@ def sliding_window_inference(
 
     ``window_axes`` permutes the spatial axes of each window as it is gathered (numpy ``transpose`` order, e.g.
     ``(2, 1, 0)`` to hand (z, y, x) data to an x, y, z model) without a separate copy; the predictor's outputs are
-    then expected in that order too and are permuted back (a view) before blending.
+    then expected in that order too; they are accumulated in that order and the result is returned as a permuted
+    view (not C-contiguous) in the image's axis order.
 
     Stages timed into ``timer``: ``tiling`` (gathering windows), ``blending`` (weighting, accumulating and the
     final division). The predictor times itself.
@@ -199,7 +200,7 @@ def sliding_window_inference(
         raise ValueError(f"window_axes must be a permutation of the spatial axes, got {window_axes}")
     gather_axes = (0, *(a + 1 for a in axes))
     permuted_roi = tuple(roi[a] for a in axes)
-    inverse = (0, 1, *(axes.index(k) + 2 for k in range(len(roi))))
+    inverse = (0, *(axes.index(k) + 1 for k in range(len(roi))))
 
     def gather(batch: list[tuple[slice, ...]]) -> FloatArray:
         with timer.stage("tiling"):
@@ -210,9 +211,11 @@ def sliding_window_inference(
 
     permuted_weights = np.ascontiguousarray(weights.transpose(axes))
 
+    permuted_spatial = tuple(spatial[a] for a in axes)
+
     def blend(batch: list[tuple[slice, ...]], output: FloatArray) -> None:
-        # Weighting happens in the predictor's axis order (contiguous); only the accumulation reads through the
-        # permuted view.
+        # The accumulator is kept in the predictor's axis order, so weighting and accumulating run over contiguous
+        # windows; the result is permuted back as a view at the end.
         nonlocal accumulator
         expected = (len(batch), *permuted_roi)
         if output.ndim != len(roi) + 2 or (output.shape[0], *output.shape[2:]) != expected:
@@ -226,11 +229,10 @@ def sliding_window_inference(
             if window_transform is not None:
                 output = window_transform(output)
             if accumulator is None:
-                accumulator = np.zeros((output.shape[1], *spatial), dtype=np.float32)
+                accumulator = np.zeros((output.shape[1], *permuted_spatial), dtype=np.float32)
             np.multiply(output, permuted_weights, out=output)
-            output = output.transpose(inverse)
             for k, window in enumerate(batch):
-                accumulator[(slice(None), *window)] += output[k]
+                accumulator[(slice(None), *(window[a] for a in axes))] += output[k]
 
     if max_in_flight == 1 or len(batches) == 1:
         for batch in batches:
@@ -251,14 +253,14 @@ def sliding_window_inference(
                 for _, future in pending:
                     future.cancel()
     assert accumulator is not None
-    result: FloatArray = accumulator
     with timer.stage("blending"):
         if normalize:
-            count = np.zeros(spatial, dtype=np.float32)
+            count = np.zeros(permuted_spatial, dtype=np.float32)
             for window in slices:
-                count[window] += weights
-            np.divide(result, count, out=result)
+                count[tuple(window[a] for a in axes)] += permuted_weights
+            np.divide(accumulator, count, out=accumulator)
             del count
+        result: FloatArray = accumulator.transpose(inverse)  # a view, (K, *spatial)
         if inner is not None:
             result = np.ascontiguousarray(result[(slice(None), *inner)])
     assert result.shape[1:] == original_spatial
