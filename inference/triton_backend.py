@@ -87,21 +87,25 @@ def _make_client(protocol: Protocol_, url: str, connect_timeout_s: float, reques
         raise BackendUnavailable(f"Triton at {url} ({protocol}): cannot create a client: {_message(exc)}") from exc
 
 
-def server_live(url: str, protocol: Protocol_ = "grpc", timeout_s: float = 2.0) -> bool:
-    """Does a Triton server answer at ``url``? Never raises; returns within about ``timeout_s``."""
+def server_error(url: str, protocol: Protocol_ = "grpc", timeout_s: float = 2.0) -> str | None:
+    """None when a Triton server answers live at ``url``, else why not (one line). Never raises."""
     url = normalize_url(url)
     client: Any = None
     try:
         client = _make_client(protocol, url, timeout_s, timeout_s)
-        if protocol == "grpc":
-            return bool(client.is_server_live(client_timeout=timeout_s))
-        return bool(client.is_server_live())
-    except Exception:
-        return False
+        live = client.is_server_live(client_timeout=timeout_s) if protocol == "grpc" else client.is_server_live()
+        return None if live else "the server answers but is not live"
+    except Exception as exc:
+        return _message(exc)
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
+
+
+def server_live(url: str, protocol: Protocol_ = "grpc", timeout_s: float = 2.0) -> bool:
+    """Does a Triton server answer at ``url``? Never raises; returns within about ``timeout_s``."""
+    return server_error(url, protocol, timeout_s) is None
 
 
 @dataclass
@@ -178,6 +182,7 @@ class TritonBackend:
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
         self._free: list[_Slot] = []
         self._slots: list[_Slot] = []
+        self._slot_ids = itertools.count()
         self._grpc_client: Any = None
         self._http_control: _Worker | None = None
         self._checked = False
@@ -223,11 +228,15 @@ class TritonBackend:
                     raise InferenceError(f"{self._where}: backend is closed")
                 if self._free:
                     return self._free.pop()
-                slot = _Slot(index=len(self._slots))
-            if self.protocol == "http":
-                slot.worker = _Worker(self._new_client, f"triton-http-{slot.index}")
-            with self._lock:
+                slot = _Slot(index=next(self._slot_ids))
                 self._slots.append(slot)
+            if self.protocol == "http":
+                try:
+                    slot.worker = _Worker(self._new_client, f"triton-http-{slot.index}")
+                except BaseException:
+                    with self._lock:
+                        self._slots.remove(slot)
+                    raise
             return slot
         except BaseException:
             self._in_flight.release()

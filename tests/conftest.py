@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from inference.spec import InferenceSpec
+    from inference.triton_server import ManagedTriton
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,3 +47,22 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.model_export import build_model_repository
 
     return build_model_repository(tmp_path_factory.mktemp("model_repository"))
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_repository: Path) -> Iterator[ManagedTriton]:
+    """A real tritonserver (from the nvidia-pytriton wheel) on ``model_repository``, on free loopback ports,
+    started once for the whole session. ``.grpc_url``, ``.http_url``, ``.startup_s`` (seconds until ready)."""
+    import socket
+
+    from inference.triton_server import ManagedTriton, TritonServerOptions
+
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:  # held open together, so the three ports differ
+        s.bind(("127.0.0.1", 0))
+    http, grpc, metrics = (int(s.getsockname()[1]) for s in sockets)
+    for s in sockets:
+        s.close()
+    options = TritonServerOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, startup_timeout_s=120.0)
+    with ManagedTriton(model_repository, options) as server:
+        yield server
