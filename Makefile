@@ -29,7 +29,7 @@ $(VENV)/.test-stamp: $(VENV)/.install-stamp
 apt-test-deps:
 	@missing=""; \
 	command -v /usr/bin/storescu >/dev/null || missing="$$missing dcmtk"; \
-	command -v /usr/bin/Orthanc >/dev/null || missing="$$missing orthanc"; \
+	command -v /usr/sbin/Orthanc >/dev/null || missing="$$missing orthanc"; \
 	command -v /usr/bin/dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

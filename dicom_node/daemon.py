@@ -96,7 +96,7 @@ class DefaultProcessor:
 
 
 def build_processor(settings: Settings, db: Database | None = None) -> JobProcessor:
-    """``dicom_node.processing.build_processor(settings)`` when that module exists, else the default."""
+    """``dicom_node.processing.build_processor(settings, db)`` when that module exists, else the default."""
     try:
         processing = importlib.import_module("dicom_node.processing")
     except ModuleNotFoundError as exc:
@@ -104,7 +104,9 @@ def build_processor(settings: Settings, db: Database | None = None) -> JobProces
             raise
         return DefaultProcessor(settings, db)
     factory = processing.build_processor
-    proc: JobProcessor = factory(settings)
+    if db is None:
+        return DefaultProcessor(settings, db)
+    proc: JobProcessor = factory(settings, db)
     return proc
 
 

@@ -186,6 +186,9 @@ class WorkerPool:
         if outcome.state is JobState.FAILED and outcome.retryable:
             reason = f"failed after {job.attempts} attempts: {outcome.reason}"
         if not self.db.transition(job.id, outcome.state, reason, expect=expect):
+            now = self.db.job(job.id)
+            if outcome.state is JobState.EXPORTING and now is not None and now.state.terminal:
+                return  # the outbox settled the export before this outcome was recorded
             LOG.warning(f"job {job.id}: state changed while it ran; outcome {outcome.state.value} not recorded",
                         extra={"job_id": job.id})  # fmt: skip
             return

@@ -21,6 +21,7 @@ STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 STORESCP = "/usr/bin/storescp"
 NODE_AET = "COVIDSEG"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -36,6 +37,13 @@ def node_config(storage: Path, port: int, /, **sections: dict[str, Any]) -> dict
         "storage": {"dir": str(storage), "min_free_bytes": 0},
         "series": {"quiet_seconds": 30, "poll_interval_s": 0.1},
         "logging": {"level": "INFO"},
+        # Absolute, so a config written to a temp folder still finds the project's model spec. Tests that run
+        # inference point model_repository at the `model_repository` fixture.
+        "inference": {
+            "backend": "onnxruntime",
+            "config": str(REPO_ROOT / "config" / "config_inference.json"),
+            "model_repository": str(REPO_ROOT / "models"),
+        },
     }
     for name, values in sections.items():
         base = cfg.get(name, {})

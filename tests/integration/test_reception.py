@@ -52,10 +52,10 @@ def lung1_series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @contextlib.contextmanager
 def running_node(storage: Path, /, **sections: dict[str, Any]) -> Iterator[Node]:
     settings = settings_for(storage, free_port(), **sections)
-    node = Node(settings, processor=None)
+    # Reception tests stop at reconstruction: the production processor (inference, SEG) is tested end to end
+    # in test_end_to_end.py.
+    node = Node(settings, processor=DefaultProcessor(settings))
     node.start()
-    if isinstance(node.processor, DefaultProcessor):
-        pass
     try:
         yield node
     finally:
@@ -324,10 +324,15 @@ def _serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*exe, "serve", "--config", str(config)], stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def test_kill9_mid_series_loses_nothing_acknowledged(tmp_path: Path, lung1_series: factories.WrittenSeries) -> None:
+def test_kill9_mid_series_loses_nothing_acknowledged(
+    tmp_path: Path, lung1_series: factories.WrittenSeries, model_repository: Path
+) -> None:
     port = free_port()
     storage = tmp_path / "var"
-    cfg = write_config(tmp_path / "node.yaml", node_config(storage, port, series={"quiet_seconds": 2}))
+    cfg = write_config(
+        tmp_path / "node.yaml",
+        node_config(storage, port, series={"quiet_seconds": 2}, inference={"model_repository": str(model_repository)}),
+    )
     log = tmp_path / "node.log"
     proc = _serve(cfg, log)
     try:
@@ -366,7 +371,7 @@ def test_kill9_mid_series_loses_nothing_acknowledged(tmp_path: Path, lung1_serie
             rows = db.execute("SELECT id, state, attempts FROM jobs").fetchall()
             return rows if rows and all(r[1] in ("done", "skipped", "failed") for r in rows) else None
 
-        jobs = wait_for(finished, 30)
+        jobs = wait_for(finished, 180)  # the restarted node runs the whole pipeline (ONNX Runtime) once
         assert jobs and len(jobs) == 1 and jobs[0][1] == "done" and jobs[0][2] == 1, (jobs, log.read_text()[-3000:])
         stored = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
         assert set(acked) <= stored

@@ -1,0 +1,267 @@
+"""The production job processor: one claimed job -> selection -> reconstruction -> inference -> SEG -> outbox.
+
+Each stage is a module of its own; this one only sequences them, times them, and maps their failures onto job
+outcomes (``Rejected`` = the input is unusable: failed for good; ``BackendUnavailable`` = try again later).
+
+The model backend (Triton, possibly a managed local one, or ONNX Runtime) is opened once, in the background at
+start, so that reception never waits for a model server: a job that finds the backend still starting waits for
+it, and one that finds it unreachable is retried with back-off.
+
+A job is EXPORTING once its SEG sits in the persistent outbox, and DONE only when every destination has
+accepted it (the outbox's settlement callback moves it). With no destination configured the SEG (and the
+optional MetaImage publish) is the job's result and it is DONE at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from dicom_node import __version__
+from dicom_node.db import Database
+from dicom_node.errors import Rejected
+from dicom_node.outbox import JobExportOutcome, Outbox, database_path
+from dicom_node.reconstruct import reconstruct_headers
+from dicom_node.seg_writer import write_seg
+from dicom_node.selection import read_headers, select_headers
+from dicom_node.settings import Settings
+from dicom_node.types import CTVolume, Job, JobState, SegArtifact, SeriesManifest
+from dicom_node.worker import JobOutcome, TransitionLog
+from inference.backend import Backend
+from inference.errors import BackendUnavailable, InferenceError
+from inference.pipeline import segment
+from inference.spec import InferenceSpec, load_spec
+from inference.writers import write_label, write_publish
+
+LOG = logging.getLogger("dicom_node.processing")
+
+BackendFactory = Callable[[Settings, InferenceSpec, "str | None"], AbstractContextManager[Backend]]
+
+
+@dataclass
+class JobTimings:
+    """Seconds per stage of one job, logged with the job's result (bench/e2e.py reads them)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _default_backend_factory(
+    settings: Settings, spec: InferenceSpec, backend: str | None
+) -> AbstractContextManager[Backend]:
+    from dicom_node.inference_runtime import open_backend
+
+    return open_backend(settings, spec, backend)
+
+
+class BackendHolder:
+    """Opens the configured backend once, off the caller's thread, and hands it to every job.
+
+    A failed open is remembered with its reason and tried again on the next request, at most once per
+    ``retry_after_s``, so a Triton that comes up later is picked up without a restart.
+    """
+
+    def __init__(
+        self, settings: Settings, spec: InferenceSpec, factory: BackendFactory, retry_after_s: float = 10.0
+    ) -> None:
+        self._settings = settings
+        self._spec = spec
+        self._factory = factory
+        self._retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        self._stack = ExitStack()
+        self._backend: Backend | None = None
+        self._error: InferenceError | None = None
+        self._failed_at = 0.0
+
+    def warm_up(self) -> None:
+        """Open in a background thread (start-up of a managed Triton takes tens of seconds)."""
+        threading.Thread(target=self._try_open, name="backend-warm-up", daemon=True).start()
+
+    def _try_open(self) -> None:
+        try:
+            self.get()
+        except InferenceError as exc:
+            LOG.warning("inference backend not ready: %s", exc)
+
+    def get(self) -> Backend:
+        with self._lock:
+            if self._backend is not None:
+                return self._backend
+            if self._error is not None and time.monotonic() - self._failed_at < self._retry_after_s:
+                raise self._error
+            try:
+                self._backend = self._stack.enter_context(self._factory(self._settings, self._spec, None))
+            except InferenceError as exc:
+                self._error, self._failed_at = exc, time.monotonic()
+                raise
+            self._error = None
+            LOG.info("inference backend ready: %s", self._backend.name)
+            return self._backend
+
+    def close(self) -> None:
+        with self._lock:
+            self._backend = None
+            self._stack.close()
+
+
+class SeriesProcessor:
+    """The :class:`dicom_node.worker.JobProcessor` the daemon runs in production."""
+
+    def __init__(self, settings: Settings, db: Database, *, backend_factory: BackendFactory | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.spec = load_spec(settings.inference.config)
+        self.backend = BackendHolder(settings, self.spec, backend_factory or _default_backend_factory)
+        self.results_dir = settings.storage.dir / "results"
+        self.outbox = Outbox(
+            database_path(settings),
+            settings.export,
+            calling_ae_title=settings.node.ae_title,
+            destinations=settings.destinations,
+            on_job_settled=self._on_export_settled,
+        )
+
+    # -- life (called by the daemon's Node) ---------------------------------------------------------------
+    def start(self) -> None:
+        self.outbox.start()
+        self.backend.warm_up()
+
+    def stop(self) -> None:
+        self.outbox.stop(timeout=self.settings.export.timeout_s)
+        self.backend.close()
+
+    # -- the job ------------------------------------------------------------------------------------------
+    def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
+        timings = JobTimings()
+        series = manifest.series_instance_uid
+        with timings.stage("headers"):
+            headers = read_headers(manifest)
+        verdict = select_headers(series, headers, self.settings.selection)
+        if not verdict.selected:
+            return JobOutcome.skipped(str(verdict.reason))
+        with timings.stage("reconstruct"):
+            volume = reconstruct_headers(
+                manifest.study_instance_uid,
+                series,
+                list(zip(manifest.instances, headers, strict=True)),
+                self.settings.reconstruction,
+            )
+        try:
+            backend = self.backend.get()
+        except BackendUnavailable as exc:
+            return JobOutcome.failed(f"inference backend unavailable: {exc}", retryable=True)
+        except InferenceError as exc:
+            return JobOutcome.failed(f"inference backend unusable: {exc}", retryable=False)
+        try:
+            result = segment(volume.image, self.spec, backend)
+        except BackendUnavailable as exc:
+            return JobOutcome.failed(f"inference failed: {exc}", retryable=True)
+        except InferenceError as exc:
+            raise Rejected(f"series {series}: inference failed: {exc}") from exc
+        for name, seconds in result.timings.items():
+            timings.stages[f"inference.{name}"] = seconds
+
+        out_dir = self.results_dir / f"job-{job.id}"
+        header_map = {rec.path: ds for rec, ds in zip(manifest.instances, headers, strict=True)}
+        with timings.stage("seg_encode"):
+            artifact = write_seg(
+                volume,
+                result.label,
+                segments=self.spec.segments,
+                algorithm_name=self.spec.model.name,
+                algorithm_version=self.spec.model.version,
+                seg=self.settings.seg,
+                out_path=out_dir / "seg.dcm",
+                headers=header_map,
+            )
+        with timings.stage("publish"):
+            self._publish(job, volume, result.label)
+        self._log_result(job, volume, artifact, timings)
+
+        if not self.settings.destinations:
+            return JobOutcome.done(f"SEG {artifact.sop_instance_uid} written to {artifact.path} (no destination)")
+        self.outbox.enqueue(job.id, artifact)
+        return JobOutcome.exporting(
+            f"SEG {artifact.sop_instance_uid} queued for {len(self.settings.destinations)} destination(s)"
+        )
+
+    def _publish(self, job: Job, volume: CTVolume, label: sitk.Image) -> None:
+        """The old operator's MetaImage outputs, when configured; named by the source series UID."""
+        pub = self.settings.publish
+        if pub.output_dir is None and pub.publish_dir is None:
+            return
+        name = volume.series_instance_uid
+        if pub.output_dir is not None:
+            write_label(label, pub.output_dir, name)
+        if pub.publish_dir is not None:
+            render = self.spec.source.parent / "config_render.json" if self.spec.source else None
+            if render is None or not render.is_file():
+                render = Path(__file__).resolve().parent.parent / "config" / "config_render.json"
+            write_publish(
+                pub.publish_dir / name,
+                name=name,
+                label=label,
+                original_files=(),
+                render_config=render,
+                model_name=self.spec.model.name,
+                density_image=volume.image,
+            )
+
+    def _log_result(self, job: Job, volume: CTVolume, artifact: SegArtifact, timings: JobTimings) -> None:
+        size = volume.image.GetSize()
+        LOG.info(
+            f"job {job.id}: SEG {artifact.sop_instance_uid} ({artifact.segment_voxels} voxels) for series "
+            f"{volume.series_instance_uid} ({size[0]}x{size[1]}x{size[2]})"
+            + (f"; {'; '.join(volume.resampled)}" if volume.resampled else ""),
+            extra={
+                "event": "job_result",
+                "job_id": job.id,
+                "series_uid": volume.series_instance_uid,
+                "study_uid": volume.study_instance_uid,
+                "seg_sop_uid": artifact.sop_instance_uid,
+                "segment_voxels": artifact.segment_voxels,
+                "timings": {k: round(v, 4) for k, v in timings.stages.items()},
+                "software_version": __version__,
+            },
+        )
+
+    # -- outbox -> job ------------------------------------------------------------------------------------
+    def _on_export_settled(self, job_id: int, outcome: JobExportOutcome) -> None:
+        """Every destination accepted the SEG (DONE), or one failed for good (FAILED). Idempotent."""
+        job = self.db.job(job_id)
+        if job is None:
+            return
+        expect = [JobState.EXPORTING, JobState.INFERRING, JobState.FAILED]
+        if outcome.state == "delivered":
+            warned = outcome.warnings
+            reason = "SEG delivered to every destination" + (
+                f" ({len(warned)} with a warning status)" if warned else ""
+            )
+            moved = self.db.transition(job_id, JobState.DONE, reason, expect=expect)
+            to = JobState.DONE
+        else:
+            reason = f"export failed: {outcome.reason}"
+            moved = self.db.transition(job_id, JobState.FAILED, reason, expect=expect[:2])
+            to = JobState.FAILED
+        if moved:
+            TransitionLog.log(job, to, reason, logging.INFO if to is JobState.DONE else logging.WARNING)
+
+
+def build_processor(settings: Settings, db: Database) -> SeriesProcessor:
+    """Called by the daemon at start (``dicom_node.daemon.build_processor``); a bad model spec fails the start."""
+    return SeriesProcessor(settings, db)
