@@ -192,7 +192,7 @@ def write_ct_series(
         )  # fmt: skip
         path = out_dir / f"{sop}.dcm"
         if transfer_syntax in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
-            ds.compress(transfer_syntax)
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
         sops.append(sop)
@@ -249,8 +249,9 @@ def fill_missing_uids(src_dir: Path, out_dir: Path, *, tag: str = "siemens-j2k")
         ds.save_as(dst, enforce_file_format=True)
         files.append(dst)
         sops.append(str(ds.SOPInstanceUID))
+    # Reference geometry from GDCM's own sorting by position, never from file-name order.
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(out_dir), series_uid))
     image = reader.Execute()
     return WrittenSeries(
         files=tuple(files),
