@@ -31,7 +31,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def node_config(storage: Path, port: int, /, **sections: dict[str, Any]) -> dict[str, Any]:
+def node_config(storage: Path, port: int, /, **sections: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": port},
         "storage": {"dir": str(storage), "min_free_bytes": 0},
@@ -47,11 +47,11 @@ def node_config(storage: Path, port: int, /, **sections: dict[str, Any]) -> dict
     }
     for name, values in sections.items():
         base = cfg.get(name, {})
-        cfg[name] = {**base, **values} if isinstance(base, dict) else values
+        cfg[name] = {**base, **values} if isinstance(base, dict) and isinstance(values, dict) else values
     return cfg
 
 
-def settings_for(storage: Path, port: int, /, **sections: dict[str, Any]) -> Settings:
+def settings_for(storage: Path, port: int, /, **sections: Any) -> Settings:
     return Settings.model_validate(node_config(storage, port, **sections))
 
 
