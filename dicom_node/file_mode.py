@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import SimpleITK as sitk
+
 from dicom_node.settings import Settings
 from inference.backend import Backend
-from inference.errors import BackendUnavailable
+from inference.errors import BackendUnavailable, InputVolumeError
 from inference.pipeline import SegmentationResult, segment
 from inference.spec import InferenceSpec, load_spec
 from inference.volume_io import InputVolume, read_volume
@@ -58,6 +60,18 @@ def onnxruntime_backend(settings: Settings, spec: InferenceSpec, backend: str | 
         yield runtime
     finally:
         runtime.close()
+
+
+def _read_dicom_series(folder: Path, settings: Settings) -> tuple[sitk.Image, tuple[Path, ...]]:
+    """A DICOM series folder through the node's own reconstruction, so file mode and the daemon agree."""
+    from dicom_node.errors import Rejected
+    from dicom_node.reconstruct import read_dicom_folder
+
+    try:
+        volume = read_dicom_folder(folder, settings.reconstruction)
+    except Rejected as exc:
+        raise InputVolumeError(f"{folder}: {exc}") from exc
+    return volume.image, tuple(dict.fromkeys(s.path for s in volume.sources))
 
 
 def render_config_path(spec: InferenceSpec) -> Path:
@@ -111,7 +125,7 @@ def run_file_mode(
     publish_dir = publish_dir if publish_dir is not None else settings.publish.publish_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"{output_dir}: output path exists and is not a folder")
-    volume = read_volume(input_dir)
+    volume = read_volume(input_dir, dicom_reader=lambda folder: _read_dicom_series(folder, settings))
     t_read = time.perf_counter() - t0
     factory = backend_factory or _default_backend_factory
     with factory(settings, spec, backend) as runtime:

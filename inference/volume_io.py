@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,11 +246,19 @@ def _read_dicom(folder: Path) -> tuple[sitk.Image, tuple[Path, ...]]:
     return image, tuple(Path(n) for n in names)
 
 
-def read_volume(input_dir: Path) -> InputVolume:
-    """Find and read the one volume of ``input_dir``. Raises InputVolumeError naming the path and the cause."""
+DicomReader = Callable[[Path], tuple[sitk.Image, tuple[Path, ...]]]
+"""Reads the DICOM series in a folder: (HU image in LPS, its files). Raises InputVolumeError."""
+
+
+def read_volume(input_dir: Path, dicom_reader: DicomReader | None = None) -> InputVolume:
+    """Find and read the one volume of ``input_dir``. Raises InputVolumeError naming the path and the cause.
+
+    ``dicom_reader`` reads a DICOM series folder; the node passes its own reconstruction (sorting along the
+    normal, decoder failures as errors, tilt and gap policies). Without one, SimpleITK's series reader is used.
+    """
     path, kind = find_volume(input_dir)
     if kind == "dicom":
-        image, files = _read_dicom(path)
+        image, files = (dicom_reader or _read_dicom)(path)
         return InputVolume(image=image, name=path.name, source=path, files=files, kind=kind)
     image = _read_file(path)
     suffix = _volume_suffix(path) or ""

@@ -151,3 +151,40 @@ def test_model_missing(tmp_path: Path, repo_root: Path) -> None:
                   "--backend", "onnxruntime")
     _error(proc, str(empty_repo / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx"), "not found")
     assert not (tmp_path / "out").exists()
+
+
+def test_dicom_series_folder_through_node_reconstruction(
+    tmp_path: Path, shared_data: Path, repo_root: Path, model_repository: Path
+) -> None:
+    """A DICOM folder is read by the node's own reconstruction: JPEG Lossless, shuffled names, true geometry."""
+    from pydicom.uid import JPEGLosslessSV1
+
+    from tests import factories
+
+    written = factories.write_ct_series(
+        factories.read_volume(shared_data / "chest_ct_volumes" / "lung1_image.nrrd"),
+        tmp_path / "in" / "lung1_dicom",
+        transfer_syntax=JPEGLosslessSV1,
+        tag="lung1-file-mode",
+    )
+    proc = _infer(_settings(tmp_path, repo_root, model_repository), tmp_path / "in", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    mask = sitk.ReadImage(str(tmp_path / "out" / "lung1_dicom.mhd"))
+    assert mask.GetSize() == written.image.GetSize()
+    np.testing.assert_allclose(mask.GetOrigin(), written.image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mask.GetSpacing(), written.image.GetSpacing(), atol=1e-6)
+
+
+def test_dicom_folder_with_undecodable_image_is_one_line_error(
+    tmp_path: Path, shared_data: Path, repo_root: Path, model_repository: Path
+) -> None:
+    """The private ELSCINT1 compression no open decoder reads: refused naming the file, never zeros."""
+    (tmp_path / "in").mkdir()
+    src = shared_data / "codecs" / "orthanc_ELSCINT1_PMSCT_RLE1_private.dcm"
+    (tmp_path / "in" / src.name).write_bytes(src.read_bytes())
+    proc = _infer(_settings(tmp_path, repo_root, model_repository), tmp_path / "in", tmp_path / "out")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert src.name in lines[0] or "ELSCINT" in lines[0] or "PMSCT" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
