@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dicom_node.settings import Settings, TritonSection
 from inference.backend import Backend
-from inference.errors import BackendUnavailable
+from inference.errors import BackendUnavailable, ModelMismatch
 from inference.spec import InferenceSpec
 from inference.triton_server import ManagedTriton, TritonServerOptions, is_local_host, split_url
 
@@ -95,6 +95,12 @@ def _triton_backend(triton: TritonSection, spec: InferenceSpec, stack: ExitStack
             raise BackendUnavailable(
                 f"Triton at {url} ({triton.protocol}) is unreachable: {error} "
                 "(not a loopback address, so the node does not start one there)"
+            )
+        onnx_path = spec.model.onnx_path(repository)
+        if not onnx_path.is_file():  # what the repository's model.py would fail on, said in one line
+            raise ModelMismatch(
+                f"{onnx_path}: model file not found (model {spec.model.name!r} version {spec.model.version} of "
+                f"the model repository {repository}, which the node would serve on a Triton of its own)"
             )
         options, url = managed_server_options(triton, spec.model.name)
         log.info("nothing answers at %s: starting a managed tritonserver on %s", triton.url, repository)

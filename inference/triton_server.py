@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -335,16 +336,26 @@ class ManagedTriton:
         except (urllib.error.URLError, OSError):
             return False
 
+    def _cause(self) -> str:
+        """The server's own reason, from its log: the last error line (``error: ...`` or an ``E<date>`` line)."""
+        lines = [ln.strip() for ln in self._tail if ln.strip()]
+        for line in reversed(lines):
+            if "load failed for model" in line or line.startswith("error:"):
+                return line.removeprefix("error: ")[:400]
+        for line in reversed(lines):
+            if re.match(r"^E\d{4} ", line):
+                return line[:400]
+        return ""
+
     def _failure(self, what: str) -> str:
+        """First line: what happened, to which model, and the server's reason; then the end of its log."""
         if self._reader is not None:
             self._reader.join(timeout=2.0)
         tail = self.log_tail().rstrip()
         models = ", ".join(repr(m) for m in self.models)
-        return (
-            f"tritonserver on {self.repository}: {what} (model {models}); last lines of its log:\n{tail}"
-            if tail
-            else f"tritonserver on {self.repository}: {what} (model {models}); it wrote no log"
-        )
+        cause = self._cause()
+        head = f"tritonserver on {self.repository}: model {models}: {what}" + (f": {cause}" if cause else "")
+        return f"{head}\nlast lines of the server log:\n{tail}" if tail else f"{head} (the server wrote no log)"
 
     def _wait_ready(self, started: float) -> None:
         assert self._proc is not None

@@ -193,9 +193,10 @@ def test_model_that_fails_to_load_names_model_and_quotes_log(tmp_path: Path, mod
     )
     with pytest.raises(BackendUnavailable) as info:
         server.start()
-    msg = str(info.value)
-    assert f"model '{MODEL}'" in msg and "exited with status" in msg
-    assert "model.onnx not found" in msg  # model.py's own message, from the server log
+    first, *rest = str(info.value).splitlines()
+    assert f"model '{MODEL}': exited with status" in first
+    assert "model.onnx not found" in first  # model.py's own message, from the server log
+    assert rest and rest[0] == "last lines of the server log:"
     assert not server.running()
 
 
@@ -371,6 +372,26 @@ def test_cli_triton_unreachable_one_line(
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("dicom-node: error: Triton at ") and f"127.0.0.1:{port}" in lines[0]
     assert "unreachable" in lines[0] and "managed is false" in lines[0]
+
+
+def test_cli_managed_model_file_missing_one_line(tmp_path: Path, small_input: Path, repo_root: Path) -> None:
+    """Managed start on a repository whose model has no model.onnx: one line naming the file, no server start."""
+    repo = tmp_path / "models"
+    (repo / MODEL / "1").mkdir(parents=True)
+    src = repo_root / "models" / MODEL
+    (repo / MODEL / "config.pbtxt").write_text((src / "config.pbtxt").read_text())
+    (repo / MODEL / "1" / "model.py").write_text((src / "1" / "model.py").read_text())
+    http, grpc, metrics = _free_ports(3)
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(
+        f"inference:\n  config: {repo_root / 'config' / 'config_inference.json'}\n  model_repository: {repo}\n"
+        f"  triton:\n    url: 127.0.0.1:{grpc}\n    http_port: {http}\n    metrics_port: {metrics}\n"
+    )
+    proc = _infer(cfg, small_input, tmp_path / "out")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"{repo / MODEL / '1' / 'model.onnx'}: model file not found" in lines[0]
 
 
 def test_cli_tensor_name_mismatch_one_line(
