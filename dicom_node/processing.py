@@ -154,13 +154,16 @@ class SeriesProcessor:
         verdict = select_headers(series, headers, self.settings.selection)
         if not verdict.selected:
             return JobOutcome.skipped(str(verdict.reason))
-        with timings.stage("reconstruct"):
-            volume = reconstruct_headers(
-                manifest.study_instance_uid,
-                series,
-                list(zip(manifest.instances, headers, strict=True)),
-                self.settings.reconstruction,
-            )
+        parts: dict[str, float] = {}
+        volume = reconstruct_headers(
+            manifest.study_instance_uid,
+            series,
+            list(zip(manifest.instances, headers, strict=True)),
+            self.settings.reconstruction,
+            timings=parts,
+        )
+        timings.stages["decode"] = parts["decode"]
+        timings.stages["reconstruct"] = parts["plan"] + parts["assemble"]
         try:
             backend = self.backend.get()
         except BackendUnavailable as exc:
