@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from dicom_node.settings import Settings
 from inference.backend import Backend
-from inference.errors import BackendUnavailable, InputVolumeError
+from inference.errors import BackendUnavailable, InferenceError, InputVolumeError
 from inference.pipeline import SegmentationResult, segment
 from inference.spec import InferenceSpec, load_spec
 from inference.volume_io import InputVolume, read_volume
@@ -128,8 +128,12 @@ def run_file_mode(
     volume = read_volume(input_dir, dicom_reader=lambda folder: _read_dicom_series(folder, settings))
     t_read = time.perf_counter() - t0
     factory = backend_factory or _default_backend_factory
-    with factory(settings, spec, backend) as runtime:
-        result = segment(volume.image, spec, runtime)
+    try:
+        with factory(settings, spec, backend) as runtime:
+            result = segment(volume.image, spec, runtime)
+    except InferenceError as exc:
+        # One line that names the input as well as the backend's own object (URL, model, tensor) and cause.
+        raise type(exc)(f"{volume.source}: {exc}") from exc
     t1 = time.perf_counter()
     header = write_outputs(volume, result, spec, output_dir, publish_dir)
     t_write = time.perf_counter() - t1

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.errors import Rejected
+from dicom_node.types import SeriesManifest
 
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
@@ -157,3 +163,20 @@ def first_pixel_spacing(ds: Dataset) -> tuple[float, ...] | None:
         return _floats(value, 2, "PixelSpacing")
     except HeaderError:
         return None
+
+
+def read_headers(manifest: SeriesManifest) -> list[Dataset]:
+    """Read every instance's header (stop before pixel data). Raises Rejected naming an unreadable instance."""
+    out: list[Dataset] = []
+    for record in manifest.instances:
+        out.append(
+            read_header(record.path, f"series {manifest.series_instance_uid}: instance {record.sop_instance_uid}")
+        )
+    return out
+
+
+def read_header(path: Path, label: str) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise Rejected(f"{label} ({path.name}): cannot read the DICOM header: {type(exc).__name__}: {exc}") from exc

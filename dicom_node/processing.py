@@ -27,10 +27,11 @@ import SimpleITK as sitk
 from dicom_node import __version__
 from dicom_node.db import Database
 from dicom_node.errors import Rejected
+from dicom_node.frames import read_headers
 from dicom_node.outbox import JobExportOutcome, Outbox, database_path
 from dicom_node.reconstruct import reconstruct_headers
 from dicom_node.seg_writer import write_seg
-from dicom_node.selection import read_headers, select_headers
+from dicom_node.selection import select_headers
 from dicom_node.settings import Settings
 from dicom_node.types import CTVolume, Job, JobState, SegArtifact, SeriesManifest
 from dicom_node.worker import JobOutcome, TransitionLog
@@ -113,6 +114,20 @@ class BackendHolder:
             LOG.info("inference backend ready: %s", self._backend.name)
             return self._backend
 
+    def invalidate(self, backend: Backend, reason: str) -> None:
+        """Drop ``backend`` after it failed mid-job (a crashed or restarted Triton): the next job opens anew,
+        restarting a managed Triton if need be."""
+        with self._lock:
+            if self._backend is not backend:
+                return  # another job already replaced it
+            LOG.warning("inference backend %s dropped, reopening on the next job: %s", backend.name, reason)
+            self._backend = None
+            stack, self._stack = self._stack, ExitStack()
+        try:
+            stack.close()
+        except Exception:  # closing a dead connection or server may fail; the new one must not inherit it
+            LOG.exception("closing the failed inference backend")
+
     def close(self) -> None:
         with self._lock:
             self._backend = None
@@ -173,6 +188,7 @@ class SeriesProcessor:
         try:
             result = segment(volume.image, self.spec, backend)
         except BackendUnavailable as exc:
+            self.backend.invalidate(backend, str(exc))
             return JobOutcome.failed(f"inference failed: {exc}", retryable=True)
         except InferenceError as exc:
             raise Rejected(f"series {series}: inference failed: {exc}") from exc

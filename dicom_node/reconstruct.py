@@ -38,7 +38,7 @@ from pydicom.uid import UID
 
 from dicom_node import geometry
 from dicom_node.errors import Rejected
-from dicom_node.frames import FrameHeader, HeaderError, frame_headers
+from dicom_node.frames import FrameHeader, HeaderError, frame_headers, read_headers
 from dicom_node.settings import ReconstructionSection
 from dicom_node.types import CTVolume, InstanceRecord, SeriesManifest, SourceInstance
 
@@ -496,19 +496,10 @@ def reconstruct_headers(
     )
 
 
-def _read_header(path: Path, label: str) -> Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise Rejected(f"{label} ({path.name}): cannot read the DICOM header: {type(exc).__name__}: {exc}") from exc
-
-
 def reconstruct(manifest: SeriesManifest, policy: ReconstructionSection) -> CTVolume:
     """Decode and assemble one complete series. Raises ``Rejected`` naming the series/instance and the cause."""
     series = manifest.series_instance_uid
-    items = [
-        (rec, _read_header(rec.path, f"series {series}: instance {rec.sop_instance_uid}")) for rec in manifest.instances
-    ]
+    items = list(zip(manifest.instances, read_headers(manifest), strict=True))
     return reconstruct_headers(manifest.study_instance_uid, series, items, policy)
 
 

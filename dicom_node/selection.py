@@ -14,14 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from dicom_node.errors import Rejected
-from dicom_node.frames import first_orientation, first_pixel_spacing, number_of_frames
+from dicom_node.frames import first_orientation, first_pixel_spacing, number_of_frames, read_headers
 from dicom_node.geometry import axial_angle_deg
 from dicom_node.settings import SelectionSection
 from dicom_node.types import SeriesManifest
@@ -109,23 +105,6 @@ def select_headers(series_uid: str, headers: Sequence[Dataset], rules: Selection
             parts.append(f"{r}x{c} at {at} ({_label(headers[i], i)})")
         return fail("uniform", f"Rows/Columns/PixelSpacing differ within the series: {'; '.join(parts)}")
     return SelectionDecision(series_uid, True)
-
-
-def read_headers(manifest: SeriesManifest) -> list[Dataset]:
-    """Read every instance's header (stop before pixel data). Raises Rejected naming an unreadable instance."""
-    out: list[Dataset] = []
-    for record in manifest.instances:
-        out.append(
-            read_header(record.path, f"series {manifest.series_instance_uid}: instance {record.sop_instance_uid}")
-        )
-    return out
-
-
-def read_header(path: Path, label: str) -> Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise Rejected(f"{label} ({path.name}): cannot read the DICOM header: {type(exc).__name__}: {exc}") from exc
 
 
 def select_series(manifest: SeriesManifest, rules: SelectionSection) -> SelectionDecision:

@@ -370,7 +370,9 @@ def test_cli_triton_unreachable_one_line(
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("dicom-node: error: Triton at ") and f"127.0.0.1:{port}" in lines[0]
+    # Names the input volume, the server and the cause.
+    assert lines[0].startswith(f"dicom-node: error: {small_input / 'small.nii.gz'}: ")
+    assert f"Triton at 127.0.0.1:{port}" in lines[0]
     assert "unreachable" in lines[0] and "managed is false" in lines[0]
 
 
