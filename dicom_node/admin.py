@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -10,7 +9,9 @@ from typing import Any
 
 from dicom_node.db import DB_NAME, Database
 from dicom_node.errors import NodeError
+from dicom_node.outbox import list_exports, retry_failed_for_job
 from dicom_node.settings import Settings
+from dicom_node.types import JobState
 
 
 def _open(settings: Settings) -> Database:
@@ -32,16 +33,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         events = [dict(r) for r in db.query("SELECT * FROM events ORDER BY id DESC LIMIT 50")]
     finally:
         db.close()
-    out: dict[str, Any] = {"series": series, "jobs": jobs, "events": events}
-    try:
-        outbox = importlib.import_module("dicom_node.outbox")
-
-        lister = getattr(outbox, "list_rows", None) or getattr(outbox, "list_exports", None)
-        if callable(lister):
-            rows = lister(settings)
-            out["exports"] = [r if isinstance(r, dict) else getattr(r, "__dict__", str(r)) for r in rows]
-    except ImportError:
-        pass
+    out: dict[str, Any] = {"series": series, "jobs": jobs, "events": events, "exports": list_exports(settings)}
     return out
 
 
@@ -65,10 +57,14 @@ def print_status(settings: Settings, as_json: bool = False) -> int:
             f"  {j['id']:>5}  {j['state']:<9} run {j['run']}  attempts {j['attempts']}  "
             f"{j['series_instance_uid']}  {_when(j['updated_at'])}{reason}\n"
         )
-    if "exports" in status:
+    if status["exports"]:
         w(f"exports ({len(status['exports'])})\n")
         for e in status["exports"]:
-            w(f"  {e}\n")
+            reason = f"  {e['reason']}" if e.get("reason") else ""
+            w(
+                f"  job {e['job_id']:>5}  {e['state']:<9} -> {e['destination']}  attempts {e['attempts']}  "
+                f"SEG {e['sop_instance_uid']}  {_when(e['updated_at'])}{reason}\n"
+            )
     if status["events"]:
         w(f"recent refusals and events ({len(status['events'])})\n")
         for e in reversed(status["events"]):
@@ -78,25 +74,32 @@ def print_status(settings: Settings, as_json: bool = False) -> int:
 
 
 def retry(settings: Settings, job_id: str) -> int:
+    """Re-run a finished job, or only re-send its SEG when what failed was the export.
+
+    A job that failed because a destination refused or could not be reached already has its SEG: its failed
+    outbox rows go back to pending and the job to EXPORTING (the running node sends within about a second).
+    Any other failed, skipped or done job goes back to the queue and runs again.
+    """
     try:
         jid = int(str(job_id).strip())
     except ValueError as exc:
         raise NodeError(f"job {job_id!r}: not a job id (status lists them)") from exc
     db = _open(settings)
     try:
+        current = db.job(jid)
+        if current is None:
+            raise NodeError(f"job {jid}: no such job")
+        if current.state is JobState.FAILED and (current.reason or "").startswith("export failed"):
+            rows = retry_failed_for_job(settings, jid)
+            if rows and db.transition(jid, JobState.EXPORTING, f"retry: {rows} export(s) re-queued",
+                                      expect=[JobState.FAILED]):  # fmt: skip
+                print(f"job {jid}: {rows} failed export(s) re-queued (series {current.series_instance_uid})")
+                return 0
         try:
             job = db.retry(jid)
         except (KeyError, ValueError) as exc:
             raise NodeError(str(exc).strip("'\"")) from exc
     finally:
         db.close()
-    try:
-        outbox = importlib.import_module("dicom_node.outbox")
-
-        requeue = getattr(outbox, "retry_failed_for_job", None)
-        if callable(requeue):
-            requeue(settings, jid)
-    except ImportError:
-        pass
     print(f"job {job.id} re-queued (series {job.series_instance_uid}, run {job.run})")
     return 0

@@ -55,12 +55,13 @@ def file_mode_label(
 
 def _node(tmp_path: Path, model_repository: Path, destinations: list[dict[str, Any]], **sections: Any) -> Node:
     inference = {"model_repository": str(model_repository), **sections.pop("inference", {})}
+    export = {"backoff_initial_s": 1.0, "backoff_max_s": 5.0, **sections.pop("export", {})}
     settings = settings_for(
         tmp_path / "var",
         free_port(),
         series={"quiet_seconds": 30, "poll_interval_s": 0.1},
         destinations=destinations,
-        export={"backoff_initial_s": 1.0, "backoff_max_s": 5.0},
+        export=export,
         inference=inference,
         **sections,
     )
@@ -242,3 +243,77 @@ def test_default_run_yields_seg_in_local_output(
 def test_node_settings_of_this_module_validate(tmp_path: Path) -> None:
     """node_config() of the tests is a valid node.yaml (guards the helpers above)."""
     Settings.model_validate(node_config(tmp_path, 11112, destinations=[]))
+
+
+@pytest.fixture(scope="module")
+def short_series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> factories.WrittenSeries:
+    """12 real slices of lung1: enough for selection, a quick job."""
+    image = factories.read_volume(shared_data / "chest_ct_volumes" / "lung1_image.nrrd")[:, :, 18:30]
+    out = tmp_path_factory.mktemp("short_e2e")
+    return factories.write_ct_series(image, out, transfer_syntax=JPEGLosslessSV1, tag="lung1-short-e2e")
+
+
+def _job_state(node: Node, series_uid: str) -> JobState | None:
+    assert node.db is not None
+    jobs = [j for j in node.db.jobs() if j.series_instance_uid == series_uid]
+    return jobs[0].state if jobs else None
+
+
+def test_export_pending_across_node_restart_is_delivered_once(
+    tmp_path: Path, short_series: factories.WrittenSeries, model_repository: Path
+) -> None:
+    """The destination is down when the job finishes; the node is restarted while the export is pending; once
+    the destination is up the SEG arrives exactly once and the job is done."""
+    pacs_port = free_port()
+    dest = [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port}]
+    node = _node(tmp_path, model_repository, dest)
+    node.start()
+    try:
+        assert storescu(node.port, short_series.files).returncode == 0
+        series = short_series.series_instance_uid
+        assert wait_for(lambda: _job_state(node, series) is JobState.EXPORTING, JOB_TIMEOUT_S, interval=0.5)
+    finally:
+        node.stop(grace_s=5)
+    with storescp(tmp_path / "pacs", port=pacs_port) as pacs:
+        node = _node(tmp_path, model_repository, dest)  # same storage: the outbox row survives
+        node.start()
+        try:
+            job = _finished_job(node, series)
+            assert job.state is JobState.DONE, job
+            assert job.attempts == 1  # inference ran once; only the send was retried
+            assert len(pacs.received_files()) == 1
+            assert pacs.store_requests() == 1
+        finally:
+            node.stop(grace_s=5)
+
+
+def test_failed_export_resent_by_retry_command(
+    tmp_path: Path, short_series: factories.WrittenSeries, model_repository: Path
+) -> None:
+    """After export.max_attempts the job fails with the reason; `dicom-node retry JOB` re-sends the SEG (no new
+    inference) and the running node delivers it."""
+    pacs_port = free_port()
+    dest = [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port}]
+    node = _node(tmp_path, model_repository, dest, export={"max_attempts": 1, "backoff_initial_s": 1.0})
+    node.start()
+    try:
+        assert storescu(node.port, short_series.files).returncode == 0
+        job = _finished_job(node, short_series.series_instance_uid)
+        assert job.state is JobState.FAILED and job.reason.startswith("export failed"), job
+        config = tmp_path / "node.yaml"
+        config.write_text(node.settings.model_dump_json())  # JSON is YAML: the same settings for the CLI
+        with storescp(tmp_path / "pacs", port=pacs_port) as pacs:
+            r = subprocess.run(
+                [str(NODE_BIN), "retry", str(job.id), "--config", str(config)], capture_output=True, text=True
+            )
+            assert r.returncode == 0, r.stderr
+            assert "export" in r.stdout
+            done = wait_for(lambda: _job_state(node, short_series.series_instance_uid) is JobState.DONE, 60)
+            assert done
+            assert len(pacs.received_files()) == 1
+        assert node.db is not None
+        assert node.db.job(job.id).attempts == 1  # type: ignore[union-attr]
+        status = subprocess.run([str(NODE_BIN), "status", "--config", str(config)], capture_output=True, text=True)
+        assert status.returncode == 0 and "delivered" in status.stdout, status.stdout + status.stderr
+    finally:
+        node.stop(grace_s=5)
