@@ -17,7 +17,9 @@ Recovery at start:
 
 The job processor is injected: ``Node(settings, processor=...)``, or :func:`build_processor`, which uses
 ``dicom_node.processing.build_processor(settings)`` when that module exists and :class:`DefaultProcessor`
-otherwise. A processor may also have ``start()`` / ``stop()``, which the node calls around its own life.
+otherwise. A processor may also have ``start()`` / ``stop()``, which the node calls around its own life, and
+``on_stored(record)``, which the SCP calls for each instance stored (it must only queue work: the production
+processor's pre-decoder).
 """
 
 from __future__ import annotations
@@ -160,7 +162,11 @@ class Node:
         self.workers.start()
         self._completion = threading.Thread(target=self._completion_loop, name="completion", daemon=True)
         self._completion.start()
-        self.scp = StorageSCP(self.settings, self.spool, self.db, on_released=self._kick.set)
+        on_stored = getattr(self.processor, "on_stored", None)
+        self.scp = StorageSCP(
+            self.settings, self.spool, self.db, on_released=self._kick.set,
+            on_stored=on_stored if callable(on_stored) else None,
+        )  # fmt: skip
         self.port = self.scp.start()
         LOG.info("node started", extra={"ae_title": self.settings.node.ae_title, "port": self.port,
                                          "storage": str(self.storage)})  # fmt: skip

@@ -29,11 +29,12 @@ from dicom_node.db import Database
 from dicom_node.errors import Rejected
 from dicom_node.frames import read_headers
 from dicom_node.outbox import JobExportOutcome, Outbox, database_path
+from dicom_node.predecode import PreDecoder
 from dicom_node.reconstruct import reconstruct_headers
 from dicom_node.seg_writer import write_seg
 from dicom_node.selection import select_headers
 from dicom_node.settings import Settings
-from dicom_node.types import CTVolume, Job, JobState, SegArtifact, SeriesManifest
+from dicom_node.types import CTVolume, InstanceRecord, Job, JobState, SegArtifact, SeriesManifest
 from dicom_node.worker import JobOutcome, TransitionLog
 from inference.backend import Backend
 from inference.errors import BackendUnavailable, InferenceError
@@ -150,6 +151,10 @@ class SeriesProcessor:
             destinations=settings.destinations,
             on_job_settled=self._on_export_settled,
         )
+        rec = settings.reconstruction
+        self.predecoder: PreDecoder | None = (
+            PreDecoder(rec.decode_workers, rec.predecode_cache_mb * 1024 * 1024) if rec.predecode_cache_mb > 0 else None
+        )
 
     # -- life (called by the daemon's Node) ---------------------------------------------------------------
     def start(self) -> None:
@@ -159,9 +164,23 @@ class SeriesProcessor:
     def stop(self) -> None:
         self.outbox.stop(timeout=self.settings.export.timeout_s)
         self.backend.close()
+        if self.predecoder is not None:
+            self.predecoder.close()
+
+    def on_stored(self, record: InstanceRecord) -> None:
+        """The SCP's hook: queue the instance for decoding while its series still arrives."""
+        if self.predecoder is not None:
+            self.predecoder.submit(record)
 
     # -- the job ------------------------------------------------------------------------------------------
     def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
+        try:
+            return self._process(job, manifest)
+        finally:
+            if self.predecoder is not None:
+                self.predecoder.discard(manifest.instances)
+
+    def _process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
         timings = JobTimings()
         series = manifest.series_instance_uid
         with timings.stage("headers"):
@@ -176,8 +195,10 @@ class SeriesProcessor:
             list(zip(manifest.instances, headers, strict=True)),
             self.settings.reconstruction,
             timings=parts,
+            predecoded=self.predecoder,
         )
         timings.stages["decode"] = parts["decode"]
+        timings.stages["predecoded_instances"] = parts["predecoded"]
         timings.stages["reconstruct"] = parts["plan"] + parts["assemble"]
         try:
             backend = self.backend.get()

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -313,35 +314,86 @@ def _check_encapsulated(data: bytes, frames: int, ts: UID, label: str) -> None:
         raise Rejected(f"{label}: pixel data is truncated ({_ts_name(ts)}: the last codestream has no end marker)")
 
 
-def _decode_into(inst: _Instance, slots: list[tuple[int, int]], volume: npt.NDArray[np.float32], rows: int,
-                 cols: int) -> None:  # fmt: skip
-    """Decode one instance and write each (frame index, slot) rescaled into ``volume[slot]``."""
+@dataclass(frozen=True, slots=True)
+class Predecoded:
+    """An instance decoded ahead of its job (``dicom_node.predecode``): its stored pixel values, not rescaled, shape
+    (frames, rows, columns), or the reason decoding failed (``failure``: the whole ``Rejected`` message)."""
+
+    shape: tuple[int, int, int]
+    pixels: npt.NDArray[Any] | None
+    failure: str | None = None
+
+
+class PredecodedLookup(Protocol):
+    """Slices decoded while the series arrived. ``has``: submitted (decoded or still decoding); ``get`` waits for
+    it and returns None when it is not usable (dropped for the memory cap, or the file changed since)."""
+
+    def has(self, record: InstanceRecord) -> bool: ...
+
+    def get(self, record: InstanceRecord) -> Predecoded | None: ...
+
+
+def _read_pixels(path: Path, label: str) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise Rejected(f"{label}: cannot read the file: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_pixels(ds: Dataset, ts: UID, nframes: int, rows: int, cols: int, label: str) -> npt.NDArray[Any]:
+    """The stored values of every frame of ``ds``, shape (nframes, rows, cols); ``Rejected`` for anything broken."""
     from pydicom.pixels.utils import pixel_array
 
-    label = f"{inst.label}, {_ts_name(inst.transfer_syntax)}"
-    try:
-        ds = pydicom.dcmread(inst.record.path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise Rejected(f"{inst.label}: cannot read the file: {type(exc).__name__}: {exc}") from exc
+    ts_label = f"{label}, {_ts_name(ts)}"
     if "PixelData" not in ds:
         present = [kw for kw in ("FloatPixelData", "DoubleFloatPixelData") if kw in ds]
         cause = f"{', '.join(present)} is not a CT image" if present else "the file is truncated or holds no image"
-        raise Rejected(f"{label}: no Pixel Data element ({cause})")
-    nframes = len(inst.frames)
+        raise Rejected(f"{ts_label}: no Pixel Data element ({cause})")
     data: bytes = ds.PixelData
-    if inst.transfer_syntax.is_encapsulated:
-        _check_encapsulated(data, nframes, inst.transfer_syntax, inst.label)
+    if ts.is_encapsulated:
+        _check_encapsulated(data, nframes, ts, label)
     else:
         expected = rows * cols * nframes * math.ceil(int(ds.get("BitsAllocated") or 16) / 8)
         if len(data) < expected:
-            raise Rejected(f"{label}: pixel data is truncated ({len(data)} of {expected} bytes)")
+            raise Rejected(f"{ts_label}: pixel data is truncated ({len(data)} of {expected} bytes)")
     try:
         arr = pixel_array(ds)
     except Exception as exc:  # any decoder failure fails the series, whatever the plugin raises
-        raise Rejected(f"{label}: cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+        raise Rejected(f"{ts_label}: cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
     arr = arr.reshape(nframes, rows, cols) if arr.ndim == 2 or nframes == 1 else arr
     if arr.shape != (nframes, rows, cols):
-        raise Rejected(f"{label}: decoded pixel data has shape {arr.shape}, expected {(nframes, rows, cols)}")
+        raise Rejected(f"{ts_label}: decoded pixel data has shape {arr.shape}, expected {(nframes, rows, cols)}")
+    return arr
+
+
+def predecode(record: InstanceRecord) -> Predecoded | None:
+    """Decode one stored instance ahead of its job, as ``_decode_into`` would. None where its header alone will
+    fail the job (or cannot be read): only pixel failures are kept, as the ``Rejected`` message the job raises."""
+    try:
+        header = pydicom.dcmread(record.path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+        return None  # the job reads it again and says why
+    full: Dataset | None = header
+    try:
+        if "Rows" not in header:  # pydicom returns an empty dataset for a file cut inside its pixel data
+            full, header = None, pydicom.dcmread(record.path, stop_before_pixels=True)
+        meta = getattr(header, "file_meta", None)
+        ts = UID(str((meta.get("TransferSyntaxUID") if meta is not None else None) or record.transfer_syntax_uid))
+        sop = str(header.get("SOPInstanceUID") or record.sop_instance_uid)
+        label = _label(record.series_instance_uid, sop, record.path)
+        _check_pixel_header(header, ts, label)
+        frames = frame_headers(header)
+    except Exception:  # the job reads the header again and reports what is wrong with it
+        return None
+    shape = (len(frames), frames[0].rows, frames[0].columns)
+    try:
+        return Predecoded(shape, _decode_pixels(full if full is not None else Dataset(), ts, *shape, label))
+    except Rejected as exc:
+        return Predecoded(shape, None, str(exc))
+
+
+def _rescale_into(inst: _Instance, arr: npt.NDArray[Any], slots: list[tuple[int, int]],
+                  volume: npt.NDArray[np.float32]) -> None:  # fmt: skip
     for index, slot in slots:
         fh = inst.frames[index]
         out = volume[slot]
@@ -352,27 +404,60 @@ def _decode_into(inst: _Instance, slots: list[tuple[int, int]], volume: npt.NDAr
             out += np.float32(fh.intercept)
 
 
-def _decode(plan: _Plan, workers: int) -> npt.NDArray[np.float32]:
+def _decode_into(inst: _Instance, slots: list[tuple[int, int]], volume: npt.NDArray[np.float32], rows: int,
+                 cols: int) -> None:  # fmt: skip
+    """Decode one instance and write each (frame index, slot) rescaled into ``volume[slot]``."""
+    ds = _read_pixels(inst.record.path, inst.label)
+    arr = _decode_pixels(ds, inst.transfer_syntax, len(inst.frames), rows, cols, inst.label)
+    _rescale_into(inst, arr, slots, volume)
+
+
+def _from_predecoded(cache: PredecodedLookup, inst: _Instance, slots: list[tuple[int, int]],
+                     volume: npt.NDArray[np.float32], rows: int, cols: int) -> bool:  # fmt: skip
+    """Use the pre-decoded pixels of ``inst`` (waiting for them), or decode it here when they are not usable.
+    True when the pre-decoded pixels were used."""
+    entry = cache.get(inst.record)
+    if entry is None or entry.shape != (len(inst.frames), rows, cols):
+        _decode_into(inst, slots, volume, rows, cols)
+        return False
+    if entry.failure is not None:
+        raise Rejected(entry.failure)
+    assert entry.pixels is not None
+    _rescale_into(inst, entry.pixels, slots, volume)
+    return True
+
+
+def _decode(plan: _Plan, workers: int, cache: PredecodedLookup | None = None) -> tuple[npt.NDArray[np.float32], int]:
+    """The volume, and how many instances came decoded from ``cache``."""
     rows, cols = plan.frames[0].header.rows, plan.frames[0].header.columns
     volume = np.empty((len(plan.frames), rows, cols), dtype=np.float32)
     by_instance: dict[int, tuple[_Instance, list[tuple[int, int]]]] = {}
     for slot, frame in enumerate(plan.frames):
         by_instance.setdefault(id(frame.instance), (frame.instance, []))[1].append((frame.index, slot))
     jobs = list(by_instance.values())
-    if workers <= 1 or len(jobs) == 1:
-        for inst, slots in jobs:
+    ready = [job for job in jobs if cache is not None and cache.has(job[0].record)]
+    misses = [job for job in jobs if cache is None or not cache.has(job[0].record)]
+    hits = 0
+    if workers <= 1 or len(misses) <= 1:
+        for inst, slots in misses:
             _decode_into(inst, slots, volume, rows, cols)
-        return volume
+        if cache is not None:
+            for inst, slots in ready:
+                hits += _from_predecoded(cache, inst, slots, volume, rows, cols)
+        return volume, hits
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        futures = [pool.submit(_decode_into, inst, slots, volume, rows, cols) for inst, slots in jobs]
+        futures = [pool.submit(_decode_into, inst, slots, volume, rows, cols) for inst, slots in misses]
         try:
+            if cache is not None:  # meanwhile, in this thread: what was decoded (or is decoding) as it arrived
+                for inst, slots in ready:
+                    hits += _from_predecoded(cache, inst, slots, volume, rows, cols)
             for future in futures:
                 future.result()
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-    return volume
+    return volume, hits
 
 
 # -- resampling ---------------------------------------------------------------------------------------------------
@@ -457,16 +542,19 @@ def reconstruct_headers(
     items: Sequence[tuple[InstanceRecord, Dataset]],
     policy: ReconstructionSection,
     timings: dict[str, float] | None = None,
+    predecoded: PredecodedLookup | None = None,
 ) -> CTVolume:
     """Reconstruct from instances whose headers are already read (``stop_before_pixels`` datasets).
 
     ``timings``, when given, receives seconds for ``plan`` (geometry checks), ``decode`` and ``assemble``.
+    ``predecoded``: instances decoded while the series arrived; only the others are decoded here. A pre-decoded
+    failure fails the series as decoding it here would.
     """
     t0 = time.perf_counter()
     instances = _read_instances(series_uid, items)
     plan = _plan(series_uid, instances, policy)
     t1 = time.perf_counter()
-    volume = _decode(plan, policy.decode_workers)
+    volume, reused = _decode(plan, policy.decode_workers, predecoded)
     t2 = time.perf_counter()
     if plan.regularize:
         volume = _regularize(volume, plan.t, plan.step)
@@ -476,7 +564,7 @@ def reconstruct_headers(
         direction = np.column_stack([plan.row, plan.col, plan.normal])
         image = _image(volume, plan.positions[0], (plan.dx, plan.dy, plan.step), direction)
     if timings is not None:
-        timings.update(plan=t1 - t0, decode=t2 - t1, assemble=time.perf_counter() - t2)
+        timings.update(plan=t1 - t0, decode=t2 - t1, assemble=time.perf_counter() - t2, predecoded=float(reused))
     sources = tuple(
         SourceInstance(
             sop_class_uid=f.instance.sop_class_uid,
@@ -549,4 +637,12 @@ def read_dicom_folder(folder: Path, policy: ReconstructionSection) -> CTVolume:
     return reconstruct_headers(study_of[series], series, items, policy)
 
 
-__all__ = ["PAD_HU", "read_dicom_folder", "reconstruct", "reconstruct_headers"]
+__all__ = [
+    "PAD_HU",
+    "Predecoded",
+    "PredecodedLookup",
+    "predecode",
+    "read_dicom_folder",
+    "reconstruct",
+    "reconstruct_headers",
+]

@@ -11,7 +11,8 @@ Receive path of one C-STORE (in the association's thread):
    Instance UID -> quarantined, 0xA900 with an ErrorComment.
 4. File meta + the dataset bytes exactly as received go to the spool (temp, fsync, rename, fsync folder).
 5. The instance row is committed (the same transaction opens the series' job if needed).
-6. Only then Success (0x0000).
+6. Only then Success (0x0000); the ``on_stored`` hook (the daemon's pre-decoder) gets the record just before,
+   and only queues it.
 """
 
 from __future__ import annotations
@@ -297,11 +298,15 @@ class StorageSCP:
         db: Database,
         *,
         on_released: Callable[[], None] | None = None,
+        on_stored: Callable[[InstanceRecord], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.db = db
         self.on_released = on_released
+        self.on_stored = on_stored
+        """Called with each instance once durable and recorded, just before its Success goes back: it must only
+        queue work (the pre-decoder does), never do it in the association's thread."""
         self._ids = itertools.count(1)
         self._assocs: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
@@ -564,6 +569,11 @@ class StorageSCP:
             stored.previous_path.unlink(missing_ok=True)
         st.stored += 1
         st.bytes += size
+        if self.on_stored is not None:
+            try:
+                self.on_stored(rec)
+            except Exception:  # the instance is stored; a failed hand-off only costs its job a decode
+                LOG.exception("on_stored hook failed", extra={"association": st.id, "sop_uid": rec.sop_instance_uid})
         st.series[header.series_instance_uid] = st.series.get(header.series_instance_uid, 0) + 1
         if LOG.isEnabledFor(logging.DEBUG):
             LOG.debug(

@@ -107,6 +107,9 @@ class ReconstructionSection(_Section):
     duplicate_positions: Literal["reject", "keep_latest"] = "keep_latest"
     """Two instances (different SOP Instance UIDs) at one position: refuse, or keep the later-acquired one."""
     decode_workers: int = Field(2, ge=1, le=64)
+    predecode_cache_mb: int = Field(1024, ge=0)
+    """Decode instances in the background as they arrive (``decode_workers`` threads), keeping at most this many MB
+    of decoded pixels until their job takes them; 0 decodes only when the job runs."""
 
 
 class TritonSection(_Section):
