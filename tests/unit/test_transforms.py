@@ -6,11 +6,18 @@ import math
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import SimpleITK as sitk
 
 from inference.spec import IntensitySpec
-from inference.transforms import normalise_intensity, resample_to_spacing, resampled_size, restore_labels
+from inference.transforms import (
+    _separable_restore,
+    normalise_intensity,
+    resample_to_spacing,
+    resampled_size,
+    restore_labels,
+)
 from inference.volume_io import read_volume
 from inference.writers import write_label
 
@@ -110,6 +117,75 @@ def test_restore_maps_through_physical_space_with_oblique_direction() -> None:
     dist = np.linalg.norm(rpts - np.asarray(centre), axis=1)
     assert len(dist) > 100
     assert dist.max() < 15.0 + 3.0  # within one model voxel diagonal of the sphere
+
+
+def _sitk_nearest(labels: sitk.Image, reference: sitk.Image) -> npt.NDArray[np.uint8]:
+    out = sitk.Resample(
+        labels, reference.GetSize(), sitk.Transform(), sitk.sitkNearestNeighbor, reference.GetOrigin(),
+        reference.GetSpacing(), reference.GetDirection(), 0, sitk.sitkUInt8, True,
+    )  # fmt: skip
+    return sitk.GetArrayFromImage(out)
+
+
+def _random_labels_on(model: sitk.Image, seed: int) -> sitk.Image:
+    rng = np.random.default_rng(seed)
+    labels = sitk.GetImageFromArray(rng.integers(0, 3, model.GetSize()[::-1], dtype=np.uint8))
+    labels.CopyInformation(model)
+    return labels
+
+
+SEPARABLE_CASES = [
+    # (size, input spacing, model spacing, direction)
+    ((61, 47, 13), (0.6640625, 0.6640625, 2.5), (0.8, 0.8, 5.0), None),
+    ((64, 33, 17), (0.703125, 0.703125, 1.25), (0.8, 0.8, 5.0), None),  # dyadic spacings: exact rounding ties
+    ((37, 29, 11), (0.75, 0.5, 3.0), (1.5, 1.0, 2.0), None),  # ties on every axis
+    ((50, 41, 23), (0.977, 0.977, 3.0), (0.8, 0.8, 5.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)),
+    ((23, 31, 19), (1.1, 0.9, 0.7), (0.8, 1.3, 5.0), (0, 0, 1.0, 1.0, 0, 0, 0, 1.0, 0)),  # a permutation
+    ((41, 37, 15), (0.977, 0.977, 3.0), (0.8, 0.8, 5.0), "oblique"),
+    ((33, 27, 9), (0.703125, 0.703125, 2.5), (0.8, 0.8, 5.0), "oblique"),  # ties: SimpleITK decides
+]
+
+
+@pytest.mark.parametrize("case", range(len(SEPARABLE_CASES)))
+def test_separable_restore_equals_simpleitk_voxel_for_voxel(case: int) -> None:
+    size, spacing, model_spacing, direction = SEPARABLE_CASES[case]
+    img = ct_like(size=size, direction=oblique_direction() if direction == "oblique" else direction)  # type: ignore[arg-type]
+    img.SetSpacing(spacing)
+    model = resample_to_spacing(img, model_spacing)
+    labels = _random_labels_on(model, case)
+    restored = restore_labels(labels, img)
+    assert _same_grid(restored, img)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(restored), _sitk_nearest(labels, img))
+
+
+def test_separable_restore_is_used_where_it_is_exact() -> None:
+    img = ct_like(size=(64, 33, 17))
+    img.SetSpacing((0.703125, 0.703125, 1.25))
+    model = resample_to_spacing(img, (0.8, 0.8, 5.0))
+    assert _separable_restore(_random_labels_on(model, 0), img) is not None
+    oblique = ct_like(size=(33, 27, 9), direction=oblique_direction())
+    oblique.SetSpacing((0.703125, 0.703125, 2.5))
+    model = resample_to_spacing(oblique, (0.8, 0.8, 5.0))
+    assert _separable_restore(_random_labels_on(model, 0), oblique) is None  # a tie on an oblique grid
+    shifted = sitk.Image(model)
+    shifted.SetOrigin(tuple(v + 0.1 for v in model.GetOrigin()))
+    assert _separable_restore(_random_labels_on(shifted, 0), img) is None  # not the model grid of img
+
+
+def test_separable_restore_matches_simpleitk_on_many_random_grids() -> None:
+    rng = np.random.default_rng(7)
+    spacings = [0.5, 0.6640625, 0.703125, 0.75, 0.8, 0.977, 1.0, 1.25, 1.5, 2.5, 3.0, 5.0]
+    for trial in range(60):
+        size = tuple(int(v) for v in rng.integers(2, 30, 3))
+        direction = oblique_direction() if trial % 4 == 0 else None
+        img = ct_like(size=size, direction=direction)  # type: ignore[arg-type]
+        img.SetSpacing(tuple(float(v) for v in rng.choice(spacings, 3)))
+        model = resample_to_spacing(img, tuple(float(v) for v in rng.choice([0.8, 1.0, 1.5, 2.0, 5.0], 3)))
+        labels = _random_labels_on(model, trial)
+        restored = restore_labels(labels, img)  # held: an array view does not keep its image alive
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(restored), _sitk_nearest(labels, img), err_msg=str(trial)
+        )
 
 
 @pytest.mark.parametrize("fmt", ["nii.gz", "nii", "mhd"])
