@@ -126,8 +126,11 @@ def _separable_restore(labels: sitk.Image, reference: sitk.Image) -> npt.NDArray
                 return None
     mx, my, mz = (_axis_index_map(labels, reference, axis) for axis in range(3))
     src = sitk.GetArrayViewFromImage(labels)  # (z, y, x)
-    out: npt.NDArray[np.uint8] = src[:, np.maximum(my, 0)][:, :, np.maximum(mx, 0)][np.maximum(mz, 0)]
-    out = np.ascontiguousarray(out)
+    # np.take is several times faster than chained fancy indexing; x first, on the smaller array
+    out: npt.NDArray[np.uint8] = np.take(src, np.maximum(mx, 0), axis=2)
+    out = np.take(out, np.maximum(my, 0), axis=1)
+    if not (len(mz) == src.shape[0] and np.array_equal(mz, np.arange(len(mz)))):
+        out = np.take(out, np.maximum(mz, 0), axis=0)
     if (mz < 0).any():
         out[mz < 0] = 0
     if (my < 0).any():
