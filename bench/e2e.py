@@ -74,7 +74,7 @@ def _children_hwm_mb(pid: int) -> float:
     return total
 
 
-def run(slices: int, backend: str, quiet_seconds: float, work: Path) -> dict[str, Any]:
+def run(slices: int, backend: str, quiet_seconds: float, work: Path, predecode_mb: int = 1024) -> dict[str, Any]:
     files = make_series(slices)
     repo = REPO / "models"
     if not (repo / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx").is_file():
@@ -96,6 +96,7 @@ def run(slices: int, backend: str, quiet_seconds: float, work: Path) -> dict[str
         destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         inference=inference,
         logging={"level": "INFO", "json_lines": True},
+        reconstruction={"predecode_cache_mb": predecode_mb},
     )  # fmt: skip
     config = write_config(work / "node.yaml", cfg)
     log_path = work / "node.log"
@@ -108,6 +109,7 @@ def run(slices: int, backend: str, quiet_seconds: float, work: Path) -> dict[str
             deadline = time.monotonic() + 300
             while "inference backend ready" not in log_path.read_text() and time.monotonic() < deadline:
                 time.sleep(0.5)
+        send_start = time.time()
         sent = subprocess.run(
             [STORESCU, "-aet", "MODALITY", "-aec", NODE_AET, "-xs", "127.0.0.1", str(node_port), *map(str, files)],
             env=DCMTK_ENV, capture_output=True, text=True, check=False,
@@ -165,6 +167,8 @@ def run(slices: int, backend: str, quiet_seconds: float, work: Path) -> dict[str
         "wall_to_done": done_at - last_ack,
         "rss_node_mb": rss_node,
         "rss_children_mb": rss_children,
+        "reception": last_ack - send_start,
+        "predecoded": int(t.get("predecoded_instances", 0)),
         "seg_files": len(list(pacs_dir.iterdir())),
     }
 
@@ -174,10 +178,11 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime")
     parser.add_argument("--quiet-seconds", type=float, default=10.0)
+    parser.add_argument("--predecode-mb", type=int, default=1024, help="reconstruction.predecode_cache_mb (0: off)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="e2e-", dir=OUT) as tmp:
-        r = run(args.slices, args.backend, args.quiet_seconds, Path(tmp))
+        r = run(args.slices, args.backend, args.quiet_seconds, Path(tmp), args.predecode_mb)
     stages = r["stages"]
     print(f"end to end, {args.slices}-slice JPEG Lossless chest series, backend {args.backend}, {os.cpu_count()} CPUs")
     print(f"{'stage':<18}{'seconds':>10}")
@@ -191,6 +196,8 @@ def main() -> int:
         f", child processes (tritonserver) {r['rss_children_mb']:.0f} MB" if r["rss_children_mb"] else ""
     ))  # fmt: skip
     print(f"SEG objects at storescp: {r['seg_files']}")
+    print(f"reception (storescu start -> last ACK): {r['reception']:.3f} s; instances decoded while arriving: "
+          f"{r['predecoded']} of {args.slices} (predecode_cache_mb {args.predecode_mb})")
     return 0
 
 

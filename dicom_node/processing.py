@@ -197,6 +197,8 @@ class SeriesProcessor:
             timings=parts,
             predecoded=self.predecoder,
         )
+        if self.predecoder is not None:  # the volume holds them now: free the memory before inference
+            self.predecoder.discard(manifest.instances)
         timings.stages["decode"] = parts["decode"]
         timings.stages["predecoded_instances"] = parts["predecoded"]
         timings.stages["reconstruct"] = parts["plan"] + parts["assemble"]
