@@ -12,7 +12,6 @@ its entries.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -29,19 +28,7 @@ LOG = logging.getLogger("dicom_node.predecode")
 MAX_PENDING = 4096
 """Queued, not yet decoded instances beyond which new ones are not queued (their job decodes them)."""
 
-NICE = int(os.environ.get("DICOM_NODE_PREDECODE_NICE", "10"))
-"""Niceness added to the decoder threads (Linux: per thread): reception keeps the CPU it needs and decoding takes
-what is left, instead of slowing the sender down where the cores are busy."""
-
 _Stamp = tuple[int, int, int]
-
-
-def _lower_priority(nice: int) -> None:
-    if nice > 0 and hasattr(os, "setpriority"):
-        # not allowed, or not per thread on this system: decode at the normal priority
-        with contextlib.suppress(OSError):
-            niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def _stamp(path: Path) -> _Stamp | None:
@@ -77,13 +64,10 @@ class PreDecoder:
         workers: int,
         cap_bytes: int,
         decode: Callable[[InstanceRecord], Predecoded | None] = predecode,
-        nice: int = NICE,
     ) -> None:
         self.cap_bytes = cap_bytes
         self._decode = decode
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, workers), thread_name_prefix="predecode", initializer=_lower_priority, initargs=(nice,)
-        )
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="predecode")
         self._lock = threading.Lock()
         self._slots: dict[Path, _Slot] = {}
         self._bytes = 0
