@@ -153,7 +153,9 @@ class SeriesProcessor:
         )
         rec = settings.reconstruction
         self.predecoder: PreDecoder | None = (
-            PreDecoder(rec.decode_workers, rec.predecode_cache_mb * 1024 * 1024) if rec.predecode_cache_mb > 0 else None
+            PreDecoder(rec.decode_workers, rec.predecode_cache_mb * 1024 * 1024, processes=rec.predecode_processes)
+            if rec.predecode_cache_mb > 0
+            else None
         )
 
     # -- life (called by the daemon's Node) ---------------------------------------------------------------

@@ -55,10 +55,11 @@ def _submit_all(cache: PreDecoder, manifest: SeriesManifest) -> None:
         cache.submit(record)
 
 
-def test_predecoded_volume_equals_decoded_volume(series: WrittenSeries) -> None:
+@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "processes"])
+def test_predecoded_volume_equals_decoded_volume(series: WrittenSeries, processes: int) -> None:
     manifest = manifest_of(series.files)
     expected = sitk.GetArrayFromImage(reconstruct(manifest, DEFAULT).image)
-    cache = PreDecoder(workers=2, cap_bytes=1 << 30)
+    cache = PreDecoder(workers=2, cap_bytes=1 << 30, processes=processes)
     try:
         _submit_all(cache, manifest)
         got, parts = _reconstruct(manifest, cache)
