@@ -42,9 +42,18 @@ def export(net, path: Path, check_shape: tuple[int, int, int] = (224, 224, 32)) 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run([spec.model.output.name], {spec.model.input.name: x})[0]
     err = float(np.abs(got - ref).max())
-    if got.shape != ref.shape or err > 1e-3:
-        raise RuntimeError(f"ONNX export differs from torch: shape {got.shape} vs {ref.shape}, max error {err}")
-    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), max |onnx - torch| = {err:.2e}", flush=True)
+    # float32 summation order differs between the runtimes: small logit differences, same labels.
+    agree = float((got.argmax(1) == ref.argmax(1)).mean()) if got.shape == ref.shape else 0.0
+    if got.shape != ref.shape or err > 1e-2 or agree < 0.9999:
+        raise RuntimeError(
+            f"ONNX export differs from torch: shape {got.shape} vs {ref.shape}, max error {err}, labels agree {agree}"
+        )
+    size_mb = path.stat().st_size / 1e6
+    print(
+        f"exported {path} ({size_mb:.1f} MB): max |onnx - torch| = {err:.2e}, "
+        f"max |logit| {np.abs(ref).max():.1f}, labels agree {agree:.6f}",
+        flush=True,
+    )
     return err
 
 

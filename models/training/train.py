@@ -91,16 +91,24 @@ def build_pool(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  # t
 
 
 # ----------------------------------------------------------------------------------------------- patches
-def sample_batch(pool: list[dict], rng: np.random.Generator, batch: int, patch_xyz: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+def sample_batch(  # type: ignore[no-untyped-def]
+    pool: list[dict], rng: np.random.Generator, batch: int, patch_xyz: tuple[int, int, int],
+    p_fg: float = 0.5, p_hard: float = 0.2, p_real: float | None = None, n_real: int = 0,
+):
     pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
     xs, ys = [], []
     for _ in range(batch):
-        it = pool[int(rng.integers(len(pool)))]
+        if p_real is None:  # uniform over the pool
+            it = pool[int(rng.integers(len(pool)))]
+        elif rng.random() < p_real:  # the real background's copies come first in the pool
+            it = pool[int(rng.integers(n_real + 1))]
+        else:
+            it = pool[n_real + 1 + int(rng.integers(len(pool) - n_real - 1))]
         img, lab = it["image"], it["label"]
         u = rng.random()
-        if u < 0.5 and len(it["fg"]):
+        if u < p_fg and len(it["fg"]):
             c = it["fg"][rng.integers(len(it["fg"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
-        elif u < 0.7 and len(it["hard"]):
+        elif u < p_fg + p_hard and len(it["hard"]):
             c = it["hard"][rng.integers(len(it["hard"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
         else:
             c = np.array([rng.integers(0, s) for s in img.shape])
@@ -130,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-iters", type=int, default=120, help="last iterations on inference-sized patches")
     ap.add_argument("--final-patch", type=int, nargs=3, default=(224, 224, 32), help="x y z voxels, batch 1")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-iters", type=int, default=800, help="phase 2: hard-negative-heavy iterations")
+    ap.add_argument("--finetune-final-iters", type=int, default=80)
+    ap.add_argument("--finetune-lr", type=float, default=5e-4)
+    ap.add_argument("--phase1-weights", type=Path, default=None, help="skip phase 1: its model_phase1.pt (same seed)")
     ap.add_argument("--n-real", type=int, default=10, help="lung1 copies with inserted GGO")
     ap.add_argument("--n-phantoms", type=int, default=22)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see README, faster on a shared machine)")
@@ -158,43 +170,64 @@ def main(argv: list[str] | None = None) -> int:
     t_pool = time.time() - t_start
 
     net = common.make_net()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-5)
-    warm = min(100, args.iters // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, args.iters - warm))),
-    )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    rng = np.random.default_rng([args.seed, 2])
     curve = (args.out / "loss.csv").open("w")
-    curve.write("iter,loss,lr,seconds\n")
-    t0 = time.time()
-    run = 0.0
-    net.train()
-    for it in range(1, args.iters + 1):
-        final = it > args.iters - args.final_iters  # GroupNorm then sees inference-sized windows
-        x, y = sample_batch(pool, rng, 1 if final else args.batch, tuple(args.final_patch if final else args.patch))
-        out = net(torch.from_numpy(x))
-        loss = loss_fn(out, torch.from_numpy(y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        lv = loss.item()
-        run = 0.98 * run + 0.02 * lv if it > 1 else lv
-        if it % 25 == 0 or it == 1:
-            el = time.time() - t0
-            curve.write(f"{it},{lv:.5f},{sched.get_last_lr()[0]:.6g},{el:.1f}\n")
-            curve.flush()
-        if it % 100 == 0 or it == 1:
-            el = time.time() - t0
-            eta = (args.iters - it) * el / it / 60
-            log(f"iter {it}/{args.iters} loss {run:.4f} {it / el:.2f} it/s eta {eta:.1f} min")
-        if it % 500 == 0:
-            torch.save(net.state_dict(), args.out / "checkpoint.pt")
-    t_train = time.time() - t0
+    curve.write("phase,iter,loss,lr,seconds\n")
+
+    def run_phase(  # type: ignore[no-untyped-def]
+        phase: int, iters: int, final_iters: int, lr: float, p_fg: float, p_hard: float, p_real=None
+    ) -> float:
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+        warm = min(100, iters // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, iters - warm))),
+        )
+        rng = np.random.default_rng([args.seed, 2] if phase == 1 else [args.seed, 2, phase])
+        t0 = time.time()
+        run = 0.0
+        net.train()
+        for it in range(1, iters + 1):
+            final = it > iters - final_iters  # GroupNorm then sees inference-sized windows
+            x, y = sample_batch(
+                pool, rng, 1 if final else args.batch, tuple(args.final_patch if final else args.patch), p_fg, p_hard,
+                p_real, args.n_real,
+            )
+            out = net(torch.from_numpy(x))
+            loss = loss_fn(out, torch.from_numpy(y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            lv = loss.item()
+            run = 0.98 * run + 0.02 * lv if it > 1 else lv
+            if it % 25 == 0 or it == 1:
+                el = time.time() - t0
+                curve.write(f"{phase},{it},{lv:.5f},{sched.get_last_lr()[0]:.6g},{el:.1f}\n")
+                curve.flush()
+            if it % 100 == 0 or it == 1:
+                el = time.time() - t0
+                eta = (iters - it) * el / it / 60
+                log(f"phase {phase} iter {it}/{iters} loss {run:.4f} {it / el:.2f} it/s eta {eta:.1f} min")
+            if it % 500 == 0:
+                torch.save(net.state_dict(), args.out / f"checkpoint{phase}.pt")
+        t = time.time() - t0
+        torch.save(net.state_dict(), args.out / f"model_phase{phase}.pt")
+        log(f"phase {phase}: {iters} iterations in {t / 60:.1f} min ({iters / t:.2f} it/s)")
+        return t
+
+    if args.phase1_weights is not None:  # phase 1 already run by this very command (same seed): reuse its weights
+        net.load_state_dict(torch.load(args.phase1_weights, map_location="cpu"))
+        t1 = 0.0
+        log(f"phase 1: weights from {args.phase1_weights}")
+    else:
+        t1 = run_phase(1, args.iters, args.final_iters, args.lr, 0.5, 0.2)
+    t2 = 0.0
+    if args.finetune_iters > 0:  # hard-negative emphasis: vessels, mediastinal border, solid lesions
+        t2 = run_phase(2, args.finetune_iters, args.finetune_final_iters, args.finetune_lr, 0.3, 0.45, 0.6)
+    t_train = t1 + t2
     torch.save(net.state_dict(), args.out / "model.pt")
-    log(f"trained {args.iters} iterations in {t_train / 60:.1f} min ({args.iters / t_train:.2f} it/s)")
+    n_iters = args.iters + args.finetune_iters
 
     import export
 
@@ -212,8 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "pool_volumes": len(pool),
         "pool_seconds": round(t_pool, 1),
+        "finetune_iters": args.finetune_iters,
+        "finetune_final_iters": args.finetune_final_iters,
+        "finetune_lr": args.finetune_lr,
+        "phase1_seconds": round(t1, 1),
+        "phase1_weights": str(args.phase1_weights) if args.phase1_weights else None,
+        "phase2_seconds": round(t2, 1),
         "train_seconds": round(t_train, 1),
-        "its_per_second": round(args.iters / t_train, 3),
+        "its_per_second": round((n_iters if args.phase1_weights is None else args.finetune_iters) / t_train, 3),
         "torch": torch.__version__,
     }
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2))
