@@ -193,7 +193,7 @@ def main() -> int:
     print(f"every stage but model compute and completion wait: {rest:.3f} s (target <= 3 s): "
           f"{'MET' if rest <= 3.0 else 'NOT MET'}")  # fmt: skip
     print(f"peak RSS: node {r['rss_node_mb']:.0f} MB" + (
-        f", child processes (tritonserver) {r['rss_children_mb']:.0f} MB" if r["rss_children_mb"] else ""
+        f", child processes (decoders, tritonserver) {r['rss_children_mb']:.0f} MB" if r["rss_children_mb"] else ""
     ))  # fmt: skip
     print(f"SEG objects at storescp: {r['seg_files']}")
     print(f"reception (storescu start -> last ACK): {r['reception']:.3f} s; instances decoded while arriving: "

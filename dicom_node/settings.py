@@ -110,7 +110,7 @@ class ReconstructionSection(_Section):
     predecode_cache_mb: int = Field(1024, ge=0)
     """Decode instances in the background as they arrive, keeping at most this many MB of decoded pixels until
     their job takes them; 0 decodes only when the job runs."""
-    predecode_processes: int = Field(1, ge=0, le=16)
+    predecode_processes: int = Field(2, ge=0, le=16)
     """Worker processes that decode ahead, at low CPU priority (nice 10) so the associations still receiving keep
     the CPU; 0 decodes in the node's own threads, which contend with reception for the interpreter lock."""
 
