@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import SimpleITK as sitk
 
 from dicom_node import __version__
 from dicom_node.db import Database
 from dicom_node.errors import Rejected
+from dicom_node.file_mode import render_config_path
 from dicom_node.frames import read_headers
 from dicom_node.outbox import JobExportOutcome, Outbox, database_path
 from dicom_node.predecode import PreDecoder
@@ -253,15 +253,12 @@ class SeriesProcessor:
         if pub.output_dir is not None:
             write_label(label, pub.output_dir, name)
         if pub.publish_dir is not None:
-            render = self.spec.source.parent / "config_render.json" if self.spec.source else None
-            if render is None or not render.is_file():
-                render = Path(__file__).resolve().parent.parent / "config" / "config_render.json"
             write_publish(
                 pub.publish_dir / name,
                 name=name,
                 label=label,
                 original_files=(),
-                render_config=render,
+                render_config=render_config_path(self.spec),
                 model_name=self.spec.model.name,
                 density_image=volume.image,
             )

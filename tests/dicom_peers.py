@@ -21,8 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SegmentationStorage  # type: ignore[attr-defined]
 
-STORESCP = "/usr/bin/storescp"
-STORESCU = "/usr/bin/storescu"
+from tests.dimse import STORESCP, STORESCU, free_port
 
 
 def orthanc_binary() -> str | None:
@@ -30,12 +29,6 @@ def orthanc_binary() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return shutil.which("Orthanc")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

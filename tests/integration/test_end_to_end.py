@@ -4,6 +4,7 @@ Orthanc; dciodvfy validates what arrives."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -190,6 +191,7 @@ def served_default_node(tmp_path: Path, model_repository: Path) -> Iterator[tupl
         "DICOM_NODE__STORAGE__MIN_FREE_BYTES": "0",
         "DICOM_NODE__SERIES__QUIET_SECONDS": "3",
         "DICOM_NODE__PUBLISH__OUTPUT_DIR": str(tmp_path / "output"),
+        "DICOM_NODE__PUBLISH__PUBLISH_DIR": str(tmp_path / "publish"),
         "DICOM_NODE__INFERENCE__TRITON__URL": f"127.0.0.1:{grpc}",
         "DICOM_NODE__INFERENCE__TRITON__HTTP_PORT": str(http),
         "DICOM_NODE__INFERENCE__TRITON__METRICS_PORT": str(metrics),
@@ -234,6 +236,17 @@ def test_default_run_yields_seg_in_local_output(
     assert wait_for(mask.is_file, 30), sorted((work / "output").glob("*"))
     label = sitk.ReadImage(str(mask))
     assert label.GetSize() == lung1_series.image.GetSize()
+    # The Clara Render Server layout, per job, named by the series.
+    name = lung1_series.series_instance_uid
+    meta = work / "publish" / name / "config.meta"
+    assert wait_for(meta.is_file, 30)
+    assert json.loads(meta.read_text()) == {
+        "density": f"{name}.mhd",
+        "name": "segmentation_ct_covid_lesion_v1",
+        "seg_masks": [f"{name}.output.mhd"],
+        "settings": "config_render.json",
+    }
+    assert (work / "publish" / name / "config_render.json").is_file()
     log = (work / "node.log").read_text()
     assert "tritonserver" in log.lower() or "triton" in log.lower()
     proc.send_signal(signal.SIGTERM)
