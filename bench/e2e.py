@@ -151,6 +151,7 @@ def run(slices: int, backend: str, quiet_seconds: float, work: Path, predecode_m
         "reconstruct": t["reconstruct"],
         "resample": inf.get("resample", 0.0),
         "normalise": inf.get("normalise", 0.0),
+        "lung fields": inf.get("lung_fields", 0.0),
         "tiling": inf.get("tiling", 0.0),
         "model compute": inf.get("model_compute", 0.0),
         "blending": inf.get("blending", 0.0),

@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 OUT = REPO / "bench" / "out"
 LUNG1 = REPO.parent / "shared" / "data" / "chest_ct_volumes" / "lung1_image.nrrd"
-STAGES = ("read", "resample", "normalise", "tiling", "model_compute", "blending", "labels", "restore", "write")
+STAGES = (
+    "read", "resample", "normalise", "lung_fields", "tiling", "model_compute", "blending", "labels", "restore", "write"
+)
 
 
 def _status_kb(key: str) -> int:

@@ -9,7 +9,8 @@ Labels: with softmax over K channels the label is the argmax of the blended logi
 blending weights are positive, so neither the softmax nor the division by the sum of weights changes it); with
 two channels only the difference of the two logits is blended (label where it is > 0, ties to background as
 argmax does), which halves the blending work and memory. With sigmoid the blended logit is compared with
-logit(threshold). Channel k >= 1 gets the label of the spec's k-th segment; background is 0.
+logit(threshold). Channel k >= 1 gets the label of the spec's k-th segment; background is 0. With
+``post_transforms.lung_fields`` labels outside the lung fields (``inference.lung_fields``) are set to background.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import SimpleITK as sitk
 
 from inference.backend import Backend
 from inference.errors import ModelMismatch, SpecError
+from inference.lung_fields import clear_outside, lung_field_blocks
 from inference.sliding_window import FloatArray, StageTimer, sliding_window_inference
 from inference.spec import InferenceSpec
 from inference.transforms import label_image_on_grid, normalise_intensity, resample_to_spacing, restore_labels
 
-STAGES = ("resample", "normalise", "tiling", "model_compute", "blending", "labels", "restore")
+STAGES = ("resample", "normalise", "lung_fields", "tiling", "model_compute", "blending", "labels", "restore")
 
 
 @dataclass
@@ -80,6 +82,10 @@ def segment(
         grid.SetOrigin(resampled.GetOrigin())
         grid.SetDirection(resampled.GetDirection())
         model_size = tuple(resampled.GetSize())
+    lung_blocks = None
+    if spec.post.lung_fields is not None:
+        with timer.stage("lung_fields"):
+            lung_blocks = lung_field_blocks(resampled, spec.post.lung_fields)
     with timer.stage("normalise"):
         view = sitk.GetArrayViewFromImage(resampled)
         volume = np.empty(view.shape, dtype=np.float32)
@@ -150,6 +156,10 @@ def segment(
         else:
             labels = channel_labels[np.argmax(blended, axis=0)]
         del blended
+        if lung_blocks is not None:
+            labels = np.ascontiguousarray(labels)
+            clear_outside(labels, *lung_blocks)
+            del lung_blocks
         label_image = label_image_on_grid(np.ascontiguousarray(labels, dtype=np.uint8), grid)
         del labels
     with timer.stage("restore"):

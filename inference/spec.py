@@ -67,11 +67,27 @@ class InfererSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LungFieldSpec:
+    """Labels outside the lung fields become background (see ``inference.lung_fields`` for the recipe)."""
+
+    max_hu: float
+    """Blocks at or below this mean HU are lung (or airway, or ground glass)."""
+    min_volume_ml: float
+    """Smaller enclosed air (bowel gas, a stray pocket) is not lung."""
+    block_mm: float
+    """In-plane block size the mask is computed on."""
+    margin_mm: float
+    """In-plane growth of the mask, so haze against the pleura is kept whole."""
+
+
+@dataclass(frozen=True, slots=True)
 class PostSpec:
     activation: Literal["softmax", "sigmoid"]
     """softmax: argmax over the output channels. sigmoid: one channel, label 1 where p >= threshold."""
     threshold: float
     restore_interpolation: Literal["nearest"]
+    lung_fields: LungFieldSpec | None = None
+    """None (the key absent): labels are kept wherever the model puts them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +130,28 @@ def _choice(value: Any, allowed: tuple[str, ...], where: str) -> Any:
     if value not in allowed:
         raise SpecError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
     return value
+
+
+def _lung_fields(value: Any, where: str) -> LungFieldSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected an object, got {value!r}")
+    unknown = set(value) - {"max_hu", "min_volume_ml", "block_mm", "margin_mm"}
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    try:
+        out = LungFieldSpec(
+            max_hu=float(_req(value, "max_hu", where)),
+            min_volume_ml=float(_req(value, "min_volume_ml", where)),
+            block_mm=float(_req(value, "block_mm", where)),
+            margin_mm=float(_req(value, "margin_mm", where)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {exc}") from exc
+    if out.block_mm <= 0 or out.min_volume_ml < 0 or out.margin_mm < 0:
+        raise SpecError(f"{where}: block_mm must be > 0, min_volume_ml and margin_mm >= 0")
+    return out
 
 
 def parse_spec(data: dict[str, Any], source: Path | None = None) -> InferenceSpec:
@@ -177,6 +215,7 @@ def parse_spec(data: dict[str, Any], source: Path | None = None) -> InferenceSpe
         restore_interpolation=_choice(
             q.get("restore_interpolation", "nearest"), ("nearest",), f"{w}.post_transforms.restore_interpolation"
         ),
+        lung_fields=_lung_fields(q.get("lung_fields"), f"{w}.post_transforms.lung_fields"),
     )
     if post.activation == "softmax" and model.output_channels < 2:
         raise SpecError(
