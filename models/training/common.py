@@ -28,11 +28,26 @@ def spec() -> InferenceSpec:
     return load_spec(SPEC_PATH)
 
 
-def make_net():  # type: ignore[no-untyped-def]
+NORMS = ("batch", "group")
+
+
+def make_net(norm: str = "batch"):  # type: ignore[no-untyped-def]
+    """The reference SegResNet. ``norm="batch"`` (the default since the second model) normalises with statistics
+    learnt in training, so a voxel's features do not depend on what else is in the window; MONAI's default
+    ``"group"`` normalises each window by its own content, which made the 224x224x32 inference windows (lots of
+    body and mediastinum) behave unlike the 96x96x16 training patches (mostly lung)."""
     from monai.networks.nets import SegResNet
 
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return SegResNet(
-        spatial_dims=3, in_channels=1, out_channels=2, init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        init_filters=8,
+        blocks_down=(1, 2, 2, 4),
+        blocks_up=(1, 1, 1),
+        norm=("BATCH", {}) if norm == "batch" else ("GROUP", {"num_groups": 8}),
     )
 
 

@@ -1,6 +1,6 @@
 """Export a trained SegResNet to ONNX with the node's tensor names and layout, and check it against PyTorch.
 
-    .venv/bin/python models/training/export.py RUN_DIR/model.pt OUT.onnx
+    .venv/bin/python models/training/export.py RUN_DIR/model.pt OUT.onnx [--norm batch|group]
 """
 
 from __future__ import annotations
@@ -58,11 +58,18 @@ def export(net, path: Path, check_shape: tuple[int, int, int] = (224, 224, 32)) 
 
 
 def main() -> int:
+    import argparse
+
     import torch
 
-    net = common.make_net()
-    net.load_state_dict(torch.load(sys.argv[1], map_location="cpu"))
-    export(net, Path(sys.argv[2]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights", type=Path)
+    ap.add_argument("onnx", type=Path)
+    ap.add_argument("--norm", choices=common.NORMS, default="batch", help="as the weights were trained")
+    args = ap.parse_args()
+    net = common.make_net(args.norm)
+    net.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    export(net, args.onnx)
     return 0
 
 

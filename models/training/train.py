@@ -91,9 +91,53 @@ def build_pool(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  # t
 
 
 # ----------------------------------------------------------------------------------------------- patches
+def _crop(arr: np.ndarray, centre: np.ndarray, size_zyx: tuple[int, int, int], dtype) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """``size_zyx`` voxels of ``arr`` centred on ``centre``, zero outside (0.0 = the inferer's padding value)."""
+    lo = centre - np.array(size_zyx) // 2
+    out = np.zeros(size_zyx, dtype)
+    src = tuple(slice(max(0, lo[k]), min(arr.shape[k], lo[k] + size_zyx[k])) for k in range(3))
+    dst = tuple(slice(s.start - lo[k], s.stop - lo[k]) for k, s in enumerate(src))
+    out[dst] = arr[src]
+    return out
+
+
+def _similarity(x: np.ndarray, y: np.ndarray, out_zyx: tuple[int, int, int], angle: float, scale: float):  # type: ignore[no-untyped-def]
+    """Rotate and zoom a crop in-plane about its centre (x linear, y nearest) onto an ``out_zyx`` grid.
+
+    The real training background is one patient; an in-plane rotation (+-20 degrees) and zoom (0.85-1.2) turn it
+    into many chest sizes and vessel orientations. z (5 mm) is never resampled.
+    """
+    tr = sitk.AffineTransform(3)
+    c, s = np.cos(angle) / scale, np.sin(angle) / scale  # output -> input: rotate and shrink by 1/scale
+    tr.SetMatrix([c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0])
+    centre_in = [(x.shape[2] - 1) / 2.0, (x.shape[1] - 1) / 2.0, (x.shape[0] - 1) / 2.0]
+    tr.SetCenter(centre_in)
+    origin = [centre_in[0] - (out_zyx[2] - 1) / 2.0, centre_in[1] - (out_zyx[1] - 1) / 2.0,
+              centre_in[2] - (out_zyx[0] - 1) / 2.0]
+    size = [out_zyx[2], out_zyx[1], out_zyx[0]]
+    xi = sitk.Resample(sitk.GetImageFromArray(x), size, tr, sitk.sitkLinear, origin, [1.0, 1.0, 1.0],
+                       [1, 0, 0, 0, 1, 0, 0, 0, 1], 0.0, sitk.sitkFloat32)
+    yi = sitk.Resample(sitk.GetImageFromArray(y), size, tr, sitk.sitkNearestNeighbor, origin, [1.0, 1.0, 1.0],
+                       [1, 0, 0, 0, 1, 0, 0, 0, 1], 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(xi), sitk.GetArrayFromImage(yi)
+
+
+def _intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scanner variation: gain/offset (about +-20 HU), sometimes a softer kernel, sometimes more noise."""
+    if rng.random() < 0.25:  # softer reconstruction kernel: in-plane Gaussian, 0.3-0.8 voxel
+        v = float(rng.uniform(0.3, 0.8)) ** 2
+        x = sitk.GetArrayFromImage(sitk.DiscreteGaussian(sitk.GetImageFromArray(x), [v, v, 0.0], 8, 0.01, False))
+    if rng.random() < 0.4:  # more quantum noise: 5-25 HU, slightly correlated in-plane
+        sd = float(rng.uniform(5.0, 25.0)) / 1500.0
+        n = rng.standard_normal(x.shape).astype(np.float32)
+        n = simulate.blur_xy(n) / np.float32(0.6)
+        x = x + np.float32(sd) * n
+    return x * np.float32(rng.uniform(0.97, 1.03)) + np.float32(rng.uniform(-0.015, 0.015))
+
+
 def sample_batch(  # type: ignore[no-untyped-def]
     pool: list[dict], rng: np.random.Generator, batch: int, patch_xyz: tuple[int, int, int],
-    p_fg: float = 0.5, p_hard: float = 0.2, p_real: float | None = None, n_real: int = 0,
+    p_fg: float = 0.5, p_hard: float = 0.2, p_real: float | None = None, n_real: int = 0, p_spatial: float = 0.6,
 ):
     pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
     xs, ys = [], []
@@ -112,18 +156,21 @@ def sample_batch(  # type: ignore[no-untyped-def]
             c = it["hard"][rng.integers(len(it["hard"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
         else:
             c = np.array([rng.integers(0, s) for s in img.shape])
-        lo = c - np.array(pz) // 2
-        x = np.zeros(pz, np.float32)  # 0.0 = the inferer's padding value (-1000 HU and below)
-        y = np.zeros(pz, np.int64)
-        src = tuple(slice(max(0, lo[k]), min(img.shape[k], lo[k] + pz[k])) for k in range(3))
-        dst = tuple(slice(s.start - lo[k], s.stop - lo[k]) for k, s in enumerate(src))
-        x[dst] = img[src]
-        y[dst] = lab[src]
+        if rng.random() < p_spatial:
+            angle = float(rng.uniform(-np.pi / 9, np.pi / 9))
+            scale = float(rng.uniform(0.85, 1.2))
+            big = int(np.ceil(max(pz[1], pz[2]) * 1.45 / scale)) + 2
+            x, y = _similarity(
+                _crop(img, c, (pz[0], big, big), np.float32), _crop(lab, c, (pz[0], big, big), np.uint8), pz, angle,
+                scale,
+            )
+        else:
+            x, y = _crop(img, c, pz, np.float32), _crop(lab, c, pz, np.uint8)
         if rng.random() < 0.5:  # left-right flip
             x, y = x[:, :, ::-1], y[:, :, ::-1]
-        x = x * np.float32(rng.uniform(0.97, 1.03)) + np.float32(rng.uniform(-0.015, 0.015))  # about +-20 HU
+        x = _intensity(np.ascontiguousarray(x), rng)
         xs.append(x.transpose(2, 1, 0))  # (z,y,x) -> (x,y,z): NCXYZ
-        ys.append(y.transpose(2, 1, 0))
+        ys.append(y.astype(np.int64).transpose(2, 1, 0))
     return np.ascontiguousarray(np.stack(xs)[:, None]), np.ascontiguousarray(np.stack(ys)[:, None])
 
 
@@ -132,19 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--iters", type=int, default=2800)
+    ap.add_argument("--iters", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=(96, 96, 16), help="x y z voxels (multiples of 8)")
-    ap.add_argument("--final-iters", type=int, default=120, help="last iterations on inference-sized patches")
+    ap.add_argument("--norm", choices=common.NORMS, default="batch", help="normalisation layers (common.make_net)")
+    ap.add_argument(
+        "--final-iters", type=int, default=0, help="last iterations on inference-sized patches (for --norm group)"
+    )
     ap.add_argument("--final-patch", type=int, nargs=3, default=(224, 224, 32), help="x y z voxels, batch 1")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--finetune-iters", type=int, default=800, help="phase 2: hard-negative-heavy iterations")
-    ap.add_argument("--finetune-final-iters", type=int, default=80)
+    ap.add_argument("--finetune-iters", type=int, default=2000, help="phase 2: hard-negative-heavy iterations")
+    ap.add_argument("--finetune-final-iters", type=int, default=0)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
     ap.add_argument("--phase1-weights", type=Path, default=None, help="skip phase 1: its model_phase1.pt (same seed)")
-    ap.add_argument("--n-real", type=int, default=10, help="lung1 copies with inserted GGO")
+    ap.add_argument("--n-real", type=int, default=16, help="lung1 copies with inserted GGO")
     ap.add_argument("--n-phantoms", type=int, default=22)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see README, faster on a shared machine)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (see README)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
     args = ap.parse_args(argv)
@@ -169,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = build_pool(args.seed, args.n_real, args.n_phantoms, log)
     t_pool = time.time() - t_start
 
-    net = common.make_net()
+    net = common.make_net(args.norm)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     curve = (args.out / "loss.csv").open("w")
     curve.write("phase,iter,loss,lr,seconds\n")
@@ -236,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     export.export(net, onnx_path)
     info = {
         "seed": args.seed,
+        "norm": args.norm,
         "iters": args.iters,
         "batch": args.batch,
         "patch_xyz": list(args.patch),
