@@ -23,7 +23,10 @@ OUTPUT_NAME = "NV_MODEL_OUTPUT"
 
 
 def build_segresnet(seed: int = 0) -> Any:
-    """The reference architecture with random weights from ``torch.manual_seed(seed)``, in eval mode."""
+    """The reference architecture with random weights from ``torch.manual_seed(seed)``, in eval mode.
+
+    With MONAI's default GroupNorm: random BatchNorm statistics would be meaningless, and the node treats both alike.
+    """
     import torch
     from monai.networks.nets import SegResNet
 

@@ -12,7 +12,8 @@ are computed on the original grid of the CT.
   the inserted label; its size is the equivalent-sphere diameter (6 V / pi)^(1/3). Per-lesion Dice is computed in
   the lesion's bounding box grown by 5 mm in-plane and one slice, with voxels of other lesions left out; a lesion
   is detected when at least 10 % of its voxels are predicted.
-- False positives: the predicted GGO volume (mL) on lung2 as it is (no lesion inserted), and on lung1 as it is.
+- False positives: the predicted GGO volume (mL) on lung2 as it is (no lesion inserted), and on lung1 as it is;
+  with the spec's post-transforms (the node's answer) and without the lung-fields step (the network's own).
 - Solid lesions (``*_label.nrrd``, not GGO): predicted GGO voxels inside them, for lung1 and lung2.
 """
 
@@ -35,12 +36,19 @@ import simulate
 EVAL_SEED = 1000
 
 
-def segment_volume(img: sitk.Image, onnx_path: Path, threads: int = 2) -> np.ndarray:
-    """The node's pipeline on an HU image; returns the label array (z,y,x) on the image's own grid."""
+def segment_volume(img: sitk.Image, onnx_path: Path, threads: int = 2, lung_fields: bool = True) -> np.ndarray:
+    """The node's pipeline on an HU image; returns the label array (z,y,x) on the image's own grid.
+
+    ``lung_fields=False`` drops the spec's lung-fields post-transform: the network's own answer.
+    """
+    import dataclasses
+
     from inference.onnx_backend import OnnxRuntimeBackend
     from inference.pipeline import segment
 
     spec = common.spec()
+    if not lung_fields:
+        spec = dataclasses.replace(spec, post=dataclasses.replace(spec.post, lung_fields=None))
     backend = OnnxRuntimeBackend(spec, onnx_path, intra_op_threads=threads)
     try:
         res = segment(img, spec, backend)
@@ -108,9 +116,11 @@ def evaluate(onnx_path: Path, insertions: int = 5, lesions: int = 12, log=print)
     for name in (common.HELDOUT_BACKGROUND, common.TRAIN_BACKGROUND):
         im, sol = common.load_real(name)
         pred = segment_volume(im, onnx_path)
+        raw = segment_volume(im, onnx_path, lung_fields=False)
         v = float(np.prod(im.GetSpacing())) / 1000.0
         clean[name] = {
             "fp_volume_ml": round(float(pred.sum()) * v, 3),
+            "fp_volume_ml_without_lung_fields": round(float(raw.sum()) * v, 3),
             "solid_lesion_ml": round(float(sol.sum()) * v, 3),
             "solid_lesion_voxels_marked_ggo": int((pred & sol).sum()),
             "solid_lesion_fraction_marked_ggo": round(float((pred & sol).sum()) / max(1, int(sol.sum())), 5),
@@ -130,6 +140,9 @@ def evaluate(onnx_path: Path, insertions: int = 5, lesions: int = 12, log=print)
         "voxel_dice_all_insertions": round(2.0 * inter / union, 4) if union else 1.0,
         "fp_components_in_insertions": fp_components,
         "fp_volume_ml_lesion_free_heldout": clean[common.HELDOUT_BACKGROUND]["fp_volume_ml"],
+        "fp_volume_ml_lesion_free_heldout_without_lung_fields": clean[common.HELDOUT_BACKGROUND][
+            "fp_volume_ml_without_lung_fields"
+        ],
         "clean_volumes": clean,
         "voxel_ml_heldout": vox_ml,
         "eval_seconds": round(time.time() - t0, 1),

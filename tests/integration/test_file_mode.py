@@ -83,6 +83,30 @@ def test_nifti_in_mhd_out_with_publish(nifti_run: tuple[Path, subprocess.Complet
     assert np.array_equal(sitk.GetArrayViewFromImage(published), sitk.GetArrayViewFromImage(mask))
 
 
+@pytest.mark.parametrize("name", ["lung1", "lung2"])
+def test_bundled_model_leaves_solid_lesions_alone(
+    name: str, tmp_path: Path, shared_data: Path, repo_root: Path, model_repository: Path
+) -> None:
+    """Issue 4's acceptance: ``dicom-node infer`` with the bundled model marks no voxel of the scans' solid lesions
+    (``*_label.nrrd``: not ground glass) as GGO, and little else on these scans without any ground glass."""
+    from tests.model_export import COMMITTED_ONNX
+
+    if not COMMITTED_ONNX.is_file():
+        pytest.skip("no committed model: a random-weight model says nothing about solid lesions")
+    chest = shared_data / "chest_ct_volumes"
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(chest / f"{name}_image.nrrd")), str(tmp_path / "in" / f"{name}.nii.gz"))
+    proc = _infer(_settings(tmp_path, repo_root, model_repository), tmp_path / "in", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{name}.mhd"))) > 0
+    label = sitk.ReadImage(str(chest / f"{name}_label.nrrd"))
+    solid = sitk.GetArrayFromImage(label) > 0
+    assert solid.sum() > 100
+    assert int((mask & solid).sum()) == 0, f"{name}: solid-lesion voxels marked as ground glass"
+    ml = float(mask.sum()) * float(np.prod(label.GetSpacing())) / 1000.0
+    assert ml < 30.0, f"{name}: {ml:.1f} mL marked on a scan without ground glass (model card: see its metrics)"
+
+
 def test_mhd_in_with_oblique_direction(
     tmp_path: Path,
     lung1: sitk.Image,
