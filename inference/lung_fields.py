@@ -37,18 +37,29 @@ def lung_field_blocks(image: sitk.Image, spec: LungFieldSpec) -> tuple[BoolArray
     Returns the mask as a (z, y', x') array over blocks and the block size in voxels (y, x); voxel (z, y, x) of
     ``image`` belongs to block (z, y // by, x // bx), the last partial block of a row repeating its neighbour.
     """
+    air, block = block_air(image, spec)
+    return blocks_lung_fields(air, spec), block
+
+
+def block_air(image: sitk.Image, spec: LungFieldSpec) -> tuple[sitk.Image, tuple[int, int]]:
+    """Steps 1-2 alone: blocks whose mean HU is at or below ``max_hu`` (uint8, 1 byte a block) and the block size
+    (y, x) in voxels. A pipeline keeps this small image through inference and runs the rest afterwards, when the
+    model's memory is no longer needed."""
     spacing = image.GetSpacing()
-    bx = max(1, round(spec.block_mm / spacing[0]))
-    by = max(1, round(spec.block_mm / spacing[1]))
     size = image.GetSize()
-    bx, by = min(bx, size[0]), min(by, size[1])
-    small = sitk.BinShrink(image, [bx, by, 1])
-    air = sitk.BinaryThreshold(small, -math.inf, spec.max_hu, 1, 0)
+    bx = min(max(1, round(spec.block_mm / spacing[0])), size[0])
+    by = min(max(1, round(spec.block_mm / spacing[1])), size[1])
+    return sitk.BinaryThreshold(sitk.BinShrink(image, [bx, by, 1]), -math.inf, spec.max_hu, 1, 0), (by, bx)
+
+
+def blocks_lung_fields(air: sitk.Image, spec: LungFieldSpec) -> BoolArray:
+    """Steps 3-5 on the thresholded blocks: the lung fields as a (z, y', x') array over blocks."""
+    spacing = air.GetSpacing()
     components = sitk.ConnectedComponent(air, False)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(components)
-    bnx, bny = small.GetSize()[0], small.GetSize()[1]
-    block_ml = math.prod(small.GetSpacing()) / 1000.0
+    bnx, bny = air.GetSize()[0], air.GetSize()[1]
+    block_ml = math.prod(spacing) / 1000.0
     keep = []
     for lab in stats.GetLabels():
         x0, y0, _z0, sx, sy, _sz = stats.GetBoundingBox(lab)
@@ -62,11 +73,11 @@ def lung_field_blocks(image: sitk.Image, spec: LungFieldSpec) -> tuple[BoolArray
     nz, ny, nx = mask.shape
     filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.reshape(nz * ny, nx).view(np.uint8)))
     mask = (sitk.GetArrayViewFromImage(filled) > 0).reshape(nz, ny, nx)
-    radius = (round(spec.margin_mm / (bx * spacing[0])), round(spec.margin_mm / (by * spacing[1])), 0)
+    radius = (round(spec.margin_mm / spacing[0]), round(spec.margin_mm / spacing[1]), 0)
     if any(radius) and mask.any():
         grown = sitk.BinaryDilate(sitk.GetImageFromArray(mask.view(np.uint8)), [int(r) for r in radius])
         mask = sitk.GetArrayViewFromImage(grown) > 0
-    return mask, (by, bx)
+    return mask
 
 
 def expand_blocks(blocks: BoolArray, block_yx: tuple[int, int], shape_zyx: tuple[int, int, int]) -> BoolArray:
@@ -78,18 +89,15 @@ def expand_blocks(blocks: BoolArray, block_yx: tuple[int, int], shape_zyx: tuple
 
 
 def clear_outside(labels: npt.NDArray[np.uint8], blocks: BoolArray, block_yx: tuple[int, int]) -> None:
-    """Set ``labels`` (z, y, x, C-contiguous) to 0 outside the block mask, in place.
+    """Set ``labels`` (z, y, x, any strides) to 0 outside the block mask, in place.
 
-    Same result as ``labels *= expand_blocks(...)`` without building the full-size mask: the blocks are widened
-    along x only (a quarter of the volume), then broadcast over the rows of each block.
+    Same result as ``labels *= expand_blocks(...)`` without building a full-size mask or copying ``labels``
+    (the volume may be a transposed view): one slice at a time, with a slice-sized temporary.
     """
     by, bx = block_yx
-    nz, ny, nx = labels.shape
+    _nz, ny, nx = labels.shape
+    yi = np.minimum(np.arange(ny) // by, blocks.shape[1] - 1)
     xi = np.minimum(np.arange(nx) // bx, blocks.shape[2] - 1)
-    rows = blocks[:, :, xi].view(np.uint8)  # (z, y blocks, x)
-    whole = min(ny // by, rows.shape[1])
-    core = labels[:, : whole * by].reshape(nz, whole, by, nx)
-    core *= rows[:, :whole, None, :]
-    if whole * by < ny:  # the last, partial block row (or rows past the block grid) repeat the last block row
-        last = max(whole, 1)
-        labels[:, whole * by :] *= rows[:, last - 1 : last]
+    rows = blocks[:, :, xi].view(np.uint8)  # (z, y blocks, x): a quarter of a volume of bytes
+    for z in range(labels.shape[0]):
+        labels[z] *= rows[z][yi]

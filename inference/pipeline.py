@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from inference.backend import Backend
 from inference.errors import ModelMismatch, SpecError
-from inference.lung_fields import clear_outside, lung_field_blocks
+from inference.lung_fields import block_air, blocks_lung_fields, clear_outside
 from inference.sliding_window import FloatArray, StageTimer, sliding_window_inference
 from inference.spec import InferenceSpec
 from inference.transforms import label_image_on_grid, normalise_intensity, resample_to_spacing, restore_labels
@@ -82,10 +82,6 @@ def segment(
         grid.SetOrigin(resampled.GetOrigin())
         grid.SetDirection(resampled.GetDirection())
         model_size = tuple(resampled.GetSize())
-    lung_blocks = None
-    if spec.post.lung_fields is not None:
-        with timer.stage("lung_fields"):
-            lung_blocks = lung_field_blocks(resampled, spec.post.lung_fields)
     with timer.stage("normalise"):
         view = sitk.GetArrayViewFromImage(resampled)
         volume = np.empty(view.shape, dtype=np.float32)
@@ -95,7 +91,12 @@ def segment(
         else:
             volume[...] = view
             volume = normalise_intensity(volume, spec.pre.intensity)
-        del view, resampled
+        del view
+    lung_air = None
+    if spec.post.lung_fields is not None:  # thresholded blocks now (1 byte a block); the rest after inference
+        with timer.stage("lung_fields"):
+            lung_air = block_air(resampled, spec.post.lung_fields)
+    del resampled
 
     in_layout, out_layout = spec.model.input.layout, spec.model.output.layout
     expected_channels = spec.model.output_channels
@@ -156,10 +157,13 @@ def segment(
         else:
             labels = channel_labels[np.argmax(blended, axis=0)]
         del blended
-        if lung_blocks is not None:
-            labels = np.ascontiguousarray(labels)
-            clear_outside(labels, *lung_blocks)
-            del lung_blocks
+    if lung_air is not None and spec.post.lung_fields is not None:
+        # After the sliding window: the connected components and hole filling then reuse memory the inference
+        # has given back instead of adding to its peak.
+        with timer.stage("lung_fields"):
+            clear_outside(labels, blocks_lung_fields(lung_air[0], spec.post.lung_fields), lung_air[1])
+        del lung_air
+    with timer.stage("labels"):
         label_image = label_image_on_grid(np.ascontiguousarray(labels, dtype=np.uint8), grid)
         del labels
     with timer.stage("restore"):

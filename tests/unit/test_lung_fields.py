@@ -147,3 +147,13 @@ def test_clear_outside_equals_expanded_mask(shape: tuple[int, int, int]) -> None
     expected = labels * expand_blocks(blocks, block, shape)
     clear_outside(labels, blocks, block)
     assert np.array_equal(labels, expected)
+
+
+def test_clear_outside_works_in_place_on_a_transposed_view() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 2, (44, 40, 3)).astype(np.uint8)
+    labels = base.transpose(2, 1, 0)  # (3, 40, 44), not C-contiguous
+    blocks = rng.random((3, 10, 11)) < 0.5
+    expected = labels * expand_blocks(blocks, (4, 4), labels.shape)
+    clear_outside(labels, blocks, (4, 4))
+    assert np.array_equal(labels, expected) and np.array_equal(base.transpose(2, 1, 0), expected)
