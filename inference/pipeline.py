@@ -92,10 +92,11 @@ def segment(
             volume[...] = view
             volume = normalise_intensity(volume, spec.pre.intensity)
         del view
+    lung_spec = spec.post.lung_fields
     lung_air = None
-    if spec.post.lung_fields is not None:  # thresholded blocks now (1 byte a block); the rest after inference
+    if lung_spec is not None:  # thresholded blocks now (1 byte a block); the rest after inference
         with timer.stage("lung_fields"):
-            lung_air = block_air(resampled, spec.post.lung_fields)
+            lung_air = block_air(resampled, lung_spec)
     del resampled
 
     in_layout, out_layout = spec.model.input.layout, spec.model.output.layout
@@ -157,11 +158,11 @@ def segment(
         else:
             labels = channel_labels[np.argmax(blended, axis=0)]
         del blended
-    if lung_air is not None and spec.post.lung_fields is not None:
+    if lung_air is not None and lung_spec is not None:
         # After the sliding window: the connected components and hole filling then reuse memory the inference
         # has given back instead of adding to its peak.
         with timer.stage("lung_fields"):
-            clear_outside(labels, blocks_lung_fields(lung_air[0], spec.post.lung_fields), lung_air[1])
+            clear_outside(labels, blocks_lung_fields(lung_air[0], lung_spec), lung_air[1])
         del lung_air
     with timer.stage("labels"):
         label_image = label_image_on_grid(np.ascontiguousarray(labels, dtype=np.uint8), grid)

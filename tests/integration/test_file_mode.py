@@ -88,7 +88,7 @@ def test_bundled_model_leaves_solid_lesions_alone(
     name: str, tmp_path: Path, shared_data: Path, repo_root: Path, model_repository: Path
 ) -> None:
     """Issue 4's acceptance: ``dicom-node infer`` with the bundled model marks no voxel of the scans' solid lesions
-    (``*_label.nrrd``: not ground glass) as GGO, and little else on these scans without any ground glass."""
+    (``*_label.nrrd``: not ground glass) as GGO, and at most 5 mL on these scans without any ground glass."""
     from tests.model_export import COMMITTED_ONNX
 
     if not COMMITTED_ONNX.is_file():
@@ -104,7 +104,8 @@ def test_bundled_model_leaves_solid_lesions_alone(
     assert solid.sum() > 100
     assert int((mask & solid).sum()) == 0, f"{name}: solid-lesion voxels marked as ground glass"
     ml = float(mask.sum()) * float(np.prod(label.GetSpacing())) / 1000.0
-    assert ml < 30.0, f"{name}: {ml:.1f} mL marked on a scan without ground glass (model card: see its metrics)"
+    # Issue 4: <= 5 mL of false positives on the lesion-free held-out scan (lung2); lung1 is held to it too.
+    assert ml <= 5.0, f"{name}: {ml:.1f} mL marked on a scan without ground glass"
 
 
 def test_mhd_in_with_oblique_direction(
