@@ -20,6 +20,7 @@ are computed on the original grid of the CT.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -33,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import simulate
 
+from inference.onnx_backend import OnnxRuntimeBackend
+from inference.pipeline import segment
+
 EVAL_SEED = 1000
 
 
@@ -41,11 +45,6 @@ def segment_volume(img: sitk.Image, onnx_path: Path, threads: int = 2, lung_fiel
 
     ``lung_fields=False`` drops the spec's lung-fields post-transform: the network's own answer.
     """
-    import dataclasses
-
-    from inference.onnx_backend import OnnxRuntimeBackend
-    from inference.pipeline import segment
-
     spec = common.spec()
     if not lung_fields:
         spec = dataclasses.replace(spec, post=dataclasses.replace(spec.post, lung_fields=None))

@@ -1,6 +1,6 @@
 """Export a trained SegResNet to ONNX with the node's tensor names and layout, and check it against PyTorch.
 
-    .venv/bin/python models/training/export.py RUN_DIR/model.pt OUT.onnx [--norm batch|group]
+.venv/bin/python models/training/export.py RUN_DIR/model.pt OUT.onnx [--norm batch|group]
 """
 
 from __future__ import annotations

@@ -214,7 +214,11 @@ def insert_ggo(
 
 # ----------------------------------------------------------------------------------------------- phantoms
 def _paint_balls(
-    arr: np.ndarray, sp_zyx: np.ndarray, centers_mm: np.ndarray, radii_mm: np.ndarray, value: float,
+    arr: np.ndarray,
+    sp_zyx: np.ndarray,
+    centers_mm: np.ndarray,
+    radii_mm: np.ndarray,
+    value: float,
     where: np.ndarray | None = None,
 ) -> None:
     """Set ``arr`` to ``value`` inside balls (centres in mm, z,y,x), optionally only where ``where`` is True."""
@@ -233,8 +237,14 @@ def _paint_balls(
 
 
 def _tree(
-    rng: np.random.Generator, start: np.ndarray, direction: np.ndarray, radius: float, min_radius: float,
-    inside, depth: int = 0, max_depth: int = 7,
+    rng: np.random.Generator,
+    start: np.ndarray,
+    direction: np.ndarray,
+    radius: float,
+    min_radius: float,
+    inside,
+    depth: int = 0,
+    max_depth: int = 7,
 ) -> list[tuple[np.ndarray, float]]:
     """A branching random walk (vessel or airway tree): list of (centre mm, radius mm) samples."""
     out: list[tuple[np.ndarray, float]] = []

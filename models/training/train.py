@@ -5,7 +5,9 @@
 Steps: (1) build (or load from models/training/.cache/) a pool of training volumes on the model grid: the training
 background (lung1) with ground-glass opacities inserted under several seeds, one lesion-free copy, and procedural
 chest phantoms with GGOs and solid nodules; (2) train on random patches (lesion-centred, hard-negative-centred and
-uniform) with AdamW and Dice + cross-entropy, a fixed number of iterations, 2 threads, fixed seeds; (3) export
+uniform) with AdamW and Dice + cross-entropy, a fixed number of iterations, 2 threads, fixed seeds: phase 1 with
+BatchNorm on each batch's statistics, phase 2 (hard-negative emphasis) with BatchNorm frozen to its running
+statistics, so the network is tuned on exactly the normalisation inference uses; (3) export
 ``model.onnx`` (NV_MODEL_INPUT / NV_MODEL_OUTPUT, N,C,X,Y,Z, dynamic axes); (4) evaluate on lung2, which training
 never sees (``evaluate.py``), writing ``metrics.json``. ``--install`` copies the ONNX file into the Triton model
 repository (models/segmentation_ct_covid_lesion_v1/1/model.onnx).
@@ -112,13 +114,34 @@ def _similarity(x: np.ndarray, y: np.ndarray, out_zyx: tuple[int, int, int], ang
     tr.SetMatrix([c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0])
     centre_in = [(x.shape[2] - 1) / 2.0, (x.shape[1] - 1) / 2.0, (x.shape[0] - 1) / 2.0]
     tr.SetCenter(centre_in)
-    origin = [centre_in[0] - (out_zyx[2] - 1) / 2.0, centre_in[1] - (out_zyx[1] - 1) / 2.0,
-              centre_in[2] - (out_zyx[0] - 1) / 2.0]
+    origin = [
+        centre_in[0] - (out_zyx[2] - 1) / 2.0,
+        centre_in[1] - (out_zyx[1] - 1) / 2.0,
+        centre_in[2] - (out_zyx[0] - 1) / 2.0,
+    ]
     size = [out_zyx[2], out_zyx[1], out_zyx[0]]
-    xi = sitk.Resample(sitk.GetImageFromArray(x), size, tr, sitk.sitkLinear, origin, [1.0, 1.0, 1.0],
-                       [1, 0, 0, 0, 1, 0, 0, 0, 1], 0.0, sitk.sitkFloat32)
-    yi = sitk.Resample(sitk.GetImageFromArray(y), size, tr, sitk.sitkNearestNeighbor, origin, [1.0, 1.0, 1.0],
-                       [1, 0, 0, 0, 1, 0, 0, 0, 1], 0, sitk.sitkUInt8)
+    xi = sitk.Resample(
+        sitk.GetImageFromArray(x),
+        size,
+        tr,
+        sitk.sitkLinear,
+        origin,
+        [1.0, 1.0, 1.0],
+        [1, 0, 0, 0, 1, 0, 0, 0, 1],
+        0.0,
+        sitk.sitkFloat32,
+    )
+    yi = sitk.Resample(
+        sitk.GetImageFromArray(y),
+        size,
+        tr,
+        sitk.sitkNearestNeighbor,
+        origin,
+        [1.0, 1.0, 1.0],
+        [1, 0, 0, 0, 1, 0, 0, 0, 1],
+        0,
+        sitk.sitkUInt8,
+    )
     return sitk.GetArrayFromImage(xi), sitk.GetArrayFromImage(yi)
 
 
@@ -136,8 +159,15 @@ def _intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def sample_batch(  # type: ignore[no-untyped-def]
-    pool: list[dict], rng: np.random.Generator, batch: int, patch_xyz: tuple[int, int, int],
-    p_fg: float = 0.5, p_hard: float = 0.2, p_real: float | None = None, n_real: int = 0, p_spatial: float = 0.6,
+    pool: list[dict],
+    rng: np.random.Generator,
+    batch: int,
+    patch_xyz: tuple[int, int, int],
+    p_fg: float = 0.5,
+    p_hard: float = 0.2,
+    p_real: float | None = None,
+    n_real: int = 0,
+    p_spatial: float = 0.6,
 ):
     pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
     xs, ys = [], []
@@ -161,7 +191,10 @@ def sample_batch(  # type: ignore[no-untyped-def]
             scale = float(rng.uniform(0.85, 1.2))
             big = int(np.ceil(max(pz[1], pz[2]) * 1.45 / scale)) + 2
             x, y = _similarity(
-                _crop(img, c, (pz[0], big, big), np.float32), _crop(lab, c, (pz[0], big, big), np.uint8), pz, angle,
+                _crop(img, c, (pz[0], big, big), np.float32),
+                _crop(lab, c, (pz[0], big, big), np.uint8),
+                pz,
+                angle,
                 scale,
             )
         else:
@@ -191,6 +224,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-iters", type=int, default=2000, help="phase 2: hard-negative-heavy iterations")
     ap.add_argument("--finetune-final-iters", type=int, default=0)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--finetune-bn",
+        choices=("frozen", "batch"),
+        default="frozen",
+        help="phase 2 BatchNorm: 'frozen' normalises with the running statistics, as inference does; 'batch' with "
+        "each batch's own (the second model's recipe)",
+    )
+    ap.add_argument(
+        "--bn-recalibrate",
+        type=int,
+        default=0,
+        help="before a frozen phase 2: re-estimate the BatchNorm statistics over this many phase-1 batches (0: keep)",
+    )
+    ap.add_argument(
+        "--finetune-fg-weight",
+        type=float,
+        default=1.0,
+        help="phase 2: class weight of GGO against background in the loss (above 1 trades specificity for recall)",
+    )
+    ap.add_argument("--finetune-p-fg", type=float, default=0.4, help="phase 2: share of lesion-centred patches")
+    ap.add_argument("--finetune-p-hard", type=float, default=0.35, help="phase 2: share of hard-negative patches")
     ap.add_argument("--phase1-weights", type=Path, default=None, help="skip phase 1: its model_phase1.pt (same seed)")
     ap.add_argument("--n-real", type=int, default=16, help="lung1 copies with inserted GGO")
     ap.add_argument("--n-phantoms", type=int, default=22)
@@ -199,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
     args = ap.parse_args(argv)
 
+    # Imported now, not after training: an edit to the inference package during a run must not meet modules
+    # loaded an hour earlier.
+    import evaluate
+    import export
     import torch
     from monai.losses import DiceCELoss
 
@@ -225,8 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     curve.write("phase,iter,loss,lr,seconds\n")
 
     def run_phase(  # type: ignore[no-untyped-def]
-        phase: int, iters: int, final_iters: int, lr: float, p_fg: float, p_hard: float, p_real=None
+        phase: int,
+        iters: int,
+        final_iters: int,
+        lr: float,
+        p_fg: float,
+        p_hard: float,
+        p_real=None,
+        freeze_bn: bool = False,
+        fg_weight: float = 1.0,
     ) -> float:
+        lf = (
+            loss_fn
+            if fg_weight == 1.0
+            else DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=torch.tensor([1.0, fg_weight]))
+        )
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
         warm = min(100, iters // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -237,14 +308,24 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         run = 0.0
         net.train()
+        if freeze_bn:  # the running statistics, as at inference; the affine parameters still learn
+            for mod in net.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
         for it in range(1, iters + 1):
             final = it > iters - final_iters  # GroupNorm then sees inference-sized windows
             x, y = sample_batch(
-                pool, rng, 1 if final else args.batch, tuple(args.final_patch if final else args.patch), p_fg, p_hard,
-                p_real, args.n_real,
+                pool,
+                rng,
+                1 if final else args.batch,
+                tuple(args.final_patch if final else args.patch),
+                p_fg,
+                p_hard,
+                p_real,
+                args.n_real,
             )
             out = net(torch.from_numpy(x))
-            loss = loss_fn(out, torch.from_numpy(y))
+            loss = lf(out, torch.from_numpy(y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -266,6 +347,25 @@ def main(argv: list[str] | None = None) -> int:
         log(f"phase {phase}: {iters} iterations in {t / 60:.1f} min ({iters / t:.2f} it/s)")
         return t
 
+    def recalibrate_bn(n_batches: int) -> None:
+        """Replace the running BatchNorm statistics (an exponential average of the last few noisy batches of two
+        patches) by the plain average over ``n_batches`` phase-1 batches: the statistics a frozen phase 2 then
+        trains against, and inference uses."""
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        rng = np.random.default_rng([args.seed, 3])
+        net.train()
+        t0 = time.time()
+        with torch.no_grad():
+            for _ in range(n_batches):
+                x, _y = sample_batch(pool, rng, args.batch, tuple(args.patch), 0.5, 0.2)
+                net(torch.from_numpy(x))
+        for m in bns:
+            m.momentum = 0.1
+        log(f"BatchNorm statistics re-estimated over {n_batches} batches in {time.time() - t0:.0f} s")
+
     if args.phase1_weights is not None:  # phase 1 already run by this very command (same seed): reuse its weights
         net.load_state_dict(torch.load(args.phase1_weights, map_location="cpu"))
         t1 = 0.0
@@ -273,13 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t1 = run_phase(1, args.iters, args.final_iters, args.lr, 0.5, 0.2)
     t2 = 0.0
+    if args.finetune_iters > 0 and args.finetune_bn == "frozen" and args.bn_recalibrate > 0:
+        recalibrate_bn(args.bn_recalibrate)
     if args.finetune_iters > 0:  # hard-negative emphasis: vessels, mediastinal border, solid lesions
-        t2 = run_phase(2, args.finetune_iters, args.finetune_final_iters, args.finetune_lr, 0.3, 0.45, 0.6)
+        t2 = run_phase(
+            2,
+            args.finetune_iters,
+            args.finetune_final_iters,
+            args.finetune_lr,
+            args.finetune_p_fg,
+            args.finetune_p_hard,
+            0.6,
+            freeze_bn=args.finetune_bn == "frozen",
+            fg_weight=args.finetune_fg_weight,
+        )
     t_train = t1 + t2
     torch.save(net.state_dict(), args.out / "model.pt")
     n_iters = args.iters + args.finetune_iters
-
-    import export
 
     net.eval()
     onnx_path = args.out / "model.onnx"
@@ -299,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_iters": args.finetune_iters,
         "finetune_final_iters": args.finetune_final_iters,
         "finetune_lr": args.finetune_lr,
+        "finetune_bn": args.finetune_bn,
+        "finetune_p_fg": args.finetune_p_fg,
+        "finetune_p_hard": args.finetune_p_hard,
+        "bn_recalibrate": args.bn_recalibrate,
+        "finetune_fg_weight": args.finetune_fg_weight,
         "phase1_seconds": round(t1, 1),
         "phase1_weights": str(args.phase1_weights) if args.phase1_weights else None,
         "phase2_seconds": round(t2, 1),
@@ -308,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2))
     if not args.no_eval:
-        import evaluate
-
         metrics = evaluate.evaluate(onnx_path, log=log)
         metrics["training"] = info
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
