@@ -120,29 +120,13 @@ def _similarity(x: np.ndarray, y: np.ndarray, out_zyx: tuple[int, int, int], ang
         centre_in[2] - (out_zyx[0] - 1) / 2.0,
     ]
     size = [out_zyx[2], out_zyx[1], out_zyx[0]]
-    xi = sitk.Resample(
-        sitk.GetImageFromArray(x),
-        size,
-        tr,
-        sitk.sitkLinear,
-        origin,
-        [1.0, 1.0, 1.0],
-        [1, 0, 0, 0, 1, 0, 0, 0, 1],
-        0.0,
-        sitk.sitkFloat32,
-    )
-    yi = sitk.Resample(
-        sitk.GetImageFromArray(y),
-        size,
-        tr,
-        sitk.sitkNearestNeighbor,
-        origin,
-        [1.0, 1.0, 1.0],
-        [1, 0, 0, 0, 1, 0, 0, 0, 1],
-        0,
-        sitk.sitkUInt8,
-    )
-    return sitk.GetArrayFromImage(xi), sitk.GetArrayFromImage(yi)
+    identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+    def warp(arr: np.ndarray, interp: int, pixel: int) -> np.ndarray:
+        out = sitk.Resample(sitk.GetImageFromArray(arr), size, tr, interp, origin, [1.0] * 3, identity, 0.0, pixel)
+        return sitk.GetArrayFromImage(out)
+
+    return warp(x, sitk.sitkLinear, sitk.sitkFloat32), warp(y, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
 
 
 def _intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
