@@ -32,6 +32,7 @@ import common
 import simulate
 
 POOL_VERSION = 1
+PHASE1_P_FG, PHASE1_P_HARD = 0.5, 0.2  # phase 1's shares of lesion- and hard-negative-centred patches
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
     args = ap.parse_args(argv)
+    if args.bn_recalibrate > 0 and args.finetune_bn != "frozen":
+        ap.error("--bn-recalibrate re-estimates statistics for a frozen phase 2: it needs --finetune-bn frozen")
 
     # Imported now, not after training: an edit to the inference package during a run must not meet modules
     # loaded an hour earlier.
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         with torch.no_grad():
             for _ in range(n_batches):
-                x, _y = sample_batch(pool, rng, args.batch, tuple(args.patch), 0.5, 0.2)
+                x, _y = sample_batch(pool, rng, args.batch, tuple(args.patch), PHASE1_P_FG, PHASE1_P_HARD)
                 net(torch.from_numpy(x))
         for m in bns:
             m.momentum = 0.1
@@ -355,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         t1 = 0.0
         log(f"phase 1: weights from {args.phase1_weights}")
     else:
-        t1 = run_phase(1, args.iters, args.final_iters, args.lr, 0.5, 0.2)
+        t1 = run_phase(1, args.iters, args.final_iters, args.lr, PHASE1_P_FG, PHASE1_P_HARD)
     t2 = 0.0
-    if args.finetune_iters > 0 and args.finetune_bn == "frozen" and args.bn_recalibrate > 0:
+    if args.finetune_iters > 0 and args.bn_recalibrate > 0:
         recalibrate_bn(args.bn_recalibrate)
     if args.finetune_iters > 0:  # hard-negative emphasis: vessels, mediastinal border, solid lesions
         t2 = run_phase(
