@@ -183,6 +183,9 @@ class TritonBackend:
         self._free: list[_Slot] = []
         self._slots: list[_Slot] = []
         self._slot_ids = itertools.count()
+        # Every region gets a name never used before: an unregister that timed out may still hold the old name on
+        # the server, and re-registering that name would fail with ALREADY_EXISTS.
+        self._region_ids = itertools.count()
         self._grpc_client: Any = None
         self._http_control: _Worker | None = None
         self._checked = False
@@ -388,8 +391,8 @@ class TritonBackend:
         if region is not None:
             del slot.regions[role]
             self._drop_region(region, self._slot_client(slot))
-        name = f"{self._shm_prefix}_{slot.index}_{role}"
         with self._lock:  # tritonclient's region bookkeeping is a plain module-level dict
+            name = f"{self._shm_prefix}_{slot.index}_{role}_{next(self._region_ids)}"
             handle = shm.create_shared_memory_region(name, "/" + name, byte_size, create_only=True)
         region = _Region(name=name, handle=handle, byte_size=byte_size)
         try:
@@ -404,8 +407,10 @@ class TritonBackend:
     def _drop_region(self, region: _Region, client: Any) -> None:
         from tritonclient.utils import shared_memory as shm
 
-        with contextlib.suppress(Exception):
+        try:
             self._client_call(client, "unregister_system_shared_memory", region.name)
+        except Exception as exc:  # the server keeps its mapping until it restarts; the local region goes anyway
+            log.warning("%s: could not unregister shared memory %r: %s", self._where, region.name, _message(exc))
         with self._lock, contextlib.suppress(Exception):
             shm.destroy_shared_memory_region(region.handle)
 

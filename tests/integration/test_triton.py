@@ -124,6 +124,36 @@ def test_protocols_and_shared_memory_match_onnxruntime(
         assert leftovers == [], f"shared memory regions left behind: {leftovers}"
 
 
+def test_shared_memory_grows_past_an_unregister_that_failed(
+    triton_server: ManagedTriton,
+    inference_spec: InferenceSpec,
+    onnx_backend: OnnxRuntimeBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bigger batch replaces the slot's regions; when the server never saw the old ones unregistered (a control
+    call that timed out under load, as seen in CI), the new regions must not collide with the old names."""
+    backend = TritonBackend(inference_spec, _url(triton_server, "grpc"), protocol="grpc", shared_memory=True)
+    real_call = backend._client_call
+
+    def unregister_times_out(client: object, method: str, *args: object, **kwargs: object) -> object:
+        if method == "unregister_system_shared_memory":
+            raise TimeoutError("simulated: the server did not answer in time")
+        return real_call(client, method, *args, **kwargs)
+
+    rng = np.random.default_rng(5)
+    try:
+        backend.check()
+        monkeypatch.setattr(backend, "_client_call", unregister_times_out)
+        for n in (1, 2, 3):  # one slot, regions grown twice
+            batch = rng.random((n, 1, 64, 48, 32), dtype=np.float32)
+            np.testing.assert_allclose(backend.infer(batch), onnx_backend.infer(batch), rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        backend.close()
+    leftovers = [p for p in os.listdir("/dev/shm") if p.startswith(f"dicomnode_{os.getpid()}_")]
+    assert leftovers == [], f"shared memory regions left behind: {leftovers}"
+
+
 def _spec_with(spec: InferenceSpec, **model_changes: object) -> InferenceSpec:
     model = spec.model
     if "input_name" in model_changes:
