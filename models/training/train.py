@@ -93,6 +93,30 @@ def build_pool(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  # t
     return pool
 
 
+def index_lesions(pool: list[dict], min_voxels: int = 20, per_lesion: int = 2000) -> None:
+    """Add ``it["lesions"]`` to every pool volume: the voxel coordinates of each labelled lesion (26-connected
+    component of at least ``min_voxels``, at most ``per_lesion`` coordinates kept), for lesion-balanced sampling.
+
+    Why: centring patches on a random GGO voxel picks a 50 mm lesion 1000 times as often as a 5 mm one, while the
+    held-out metric averages over lesions; the small ones, which the network missed, were nearly never the centre
+    of a patch. Derived from the labels at load time, so the pool cache stays as it is.
+    """
+    rng = np.random.default_rng(0)
+    for it in pool:
+        lab = it["label"]
+        cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((lab > 0).astype(np.uint8)), True))
+        sizes = np.bincount(cc.ravel())
+        lesions = []
+        for k in np.flatnonzero(sizes >= min_voxels):
+            if k == 0:
+                continue
+            idx = np.argwhere(cc == k)
+            if len(idx) > per_lesion:
+                idx = idx[rng.choice(len(idx), per_lesion, replace=False)]
+            lesions.append(idx.astype(np.int32))
+        it["lesions"] = lesions
+
+
 # ----------------------------------------------------------------------------------------------- patches
 def _crop(arr: np.ndarray, centre: np.ndarray, size_zyx: tuple[int, int, int], dtype) -> np.ndarray:  # type: ignore[no-untyped-def]
     """``size_zyx`` voxels of ``arr`` centred on ``centre``, zero outside (0.0 = the inferer's padding value)."""
@@ -153,6 +177,7 @@ def sample_batch(  # type: ignore[no-untyped-def]
     p_real: float | None = None,
     n_real: int = 0,
     p_spatial: float = 0.6,
+    per_lesion: bool = False,
 ):
     pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
     xs, ys = [], []
@@ -165,7 +190,10 @@ def sample_batch(  # type: ignore[no-untyped-def]
             it = pool[n_real + 1 + int(rng.integers(len(pool) - n_real - 1))]
         img, lab = it["image"], it["label"]
         u = rng.random()
-        if u < p_fg and len(it["fg"]):
+        if u < p_fg and per_lesion and it["lesions"]:  # a lesion uniformly, then a voxel of it
+            les = it["lesions"][int(rng.integers(len(it["lesions"])))]
+            c = les[rng.integers(len(les))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
+        elif u < p_fg and len(it["fg"]):
             c = it["fg"][rng.integers(len(it["fg"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
         elif u < p_fg + p_hard and len(it["hard"]):
             c = it["hard"][rng.integers(len(it["hard"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
@@ -206,6 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--final-patch", type=int, nargs=3, default=(224, 224, 32), help="x y z voxels, batch 1")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--phase1-precision",
+        choices=("bf16", "fp32"),
+        default="fp32",
+        help="phase 1's forward pass: bfloat16 autocast (weights, optimiser and loss stay float32; about 1.4x faster "
+        "on a CPU with AVX512-BF16) or float32 throughout. Phase 2 is always float32, as inference is.",
+    )
+    ap.add_argument(
+        "--memory-format",
+        choices=("channels_last", "contiguous"),
+        default="contiguous",
+        help="tensor layout in training: channels_last_3d is about 1.45x faster on the CPU (same float32 maths, "
+        "other summation order); 'contiguous' reproduces runs made before it existed",
+    )
     ap.add_argument("--finetune-iters", type=int, default=2000, help="phase 2: hard-negative-heavy iterations")
     ap.add_argument("--finetune-final-iters", type=int, default=0)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
@@ -230,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--finetune-p-fg", type=float, default=0.4, help="phase 2: share of lesion-centred patches")
     ap.add_argument("--finetune-p-hard", type=float, default=0.35, help="phase 2: share of hard-negative patches")
+    ap.add_argument(
+        "--lesion-sampling",
+        choices=("voxel", "phase2", "both"),
+        default="voxel",
+        help="lesion-centred patches: centred on a random GGO voxel ('voxel': big lesions dominate) or on a random "
+        "lesion (uniform over lesions, see index_lesions) in phase 2 only or in both phases",
+    )
     ap.add_argument("--phase1-weights", type=Path, default=None, help="skip phase 1: its model_phase1.pt (same seed)")
     ap.add_argument("--n-real", type=int, default=16, help="lung1 copies with inserted GGO")
     ap.add_argument("--n-phantoms", type=int, default=22)
@@ -262,9 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t_start = time.time()
     pool = build_pool(args.seed, args.n_real, args.n_phantoms, log)
+    if args.lesion_sampling != "voxel":
+        index_lesions(pool)
+        log(f"pool: {sum(len(it['lesions']) for it in pool)} lesions indexed for lesion-balanced sampling")
     t_pool = time.time() - t_start
 
     net = common.make_net(args.norm)
+    layout = torch.channels_last_3d if args.memory_format == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=layout)
+
+    def forward(x: np.ndarray, bf16: bool = False):  # type: ignore[no-untyped-def]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(torch.from_numpy(x).contiguous(memory_format=layout))
+        return out.float()
+
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     curve = (args.out / "loss.csv").open("w")
     curve.write("phase,iter,loss,lr,seconds\n")
@@ -279,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         p_real=None,
         freeze_bn: bool = False,
         fg_weight: float = 1.0,
+        bf16: bool = False,
+        per_lesion: bool = False,
     ) -> float:
         lf = (
             loss_fn
@@ -310,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 p_hard,
                 p_real,
                 args.n_real,
+                per_lesion=per_lesion,
             )
-            out = net(torch.from_numpy(x))
-            loss = lf(out, torch.from_numpy(y))
+            loss = lf(forward(x, bf16), torch.from_numpy(y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -347,8 +409,16 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         with torch.no_grad():
             for _ in range(n_batches):
-                x, _y = sample_batch(pool, rng, args.batch, tuple(args.patch), PHASE1_P_FG, PHASE1_P_HARD)
-                net(torch.from_numpy(x))
+                x, _y = sample_batch(
+                    pool,
+                    rng,
+                    args.batch,
+                    tuple(args.patch),
+                    PHASE1_P_FG,
+                    PHASE1_P_HARD,
+                    per_lesion=args.lesion_sampling == "both",
+                )
+                forward(x)
         for m in bns:
             m.momentum = 0.1
         log(f"BatchNorm statistics re-estimated over {n_batches} batches in {time.time() - t0:.0f} s")
@@ -358,7 +428,16 @@ def main(argv: list[str] | None = None) -> int:
         t1 = 0.0
         log(f"phase 1: weights from {args.phase1_weights}")
     else:
-        t1 = run_phase(1, args.iters, args.final_iters, args.lr, PHASE1_P_FG, PHASE1_P_HARD)
+        t1 = run_phase(
+            1,
+            args.iters,
+            args.final_iters,
+            args.lr,
+            PHASE1_P_FG,
+            PHASE1_P_HARD,
+            bf16=args.phase1_precision == "bf16",
+            per_lesion=args.lesion_sampling == "both",
+        )
     t2 = 0.0
     if args.finetune_iters > 0 and args.bn_recalibrate > 0:
         recalibrate_bn(args.bn_recalibrate)
@@ -373,12 +452,14 @@ def main(argv: list[str] | None = None) -> int:
             0.6,
             freeze_bn=args.finetune_bn == "frozen",
             fg_weight=args.finetune_fg_weight,
+            per_lesion=args.lesion_sampling != "voxel",
         )
     t_train = t1 + t2
     torch.save(net.state_dict(), args.out / "model.pt")
     n_iters = args.iters + args.finetune_iters
 
     net.eval()
+    net = net.to(memory_format=torch.contiguous_format)  # the exported graph and its check see plain tensors
     onnx_path = args.out / "model.onnx"
     export.export(net, onnx_path)
     info = {
@@ -390,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_iters": args.final_iters,
         "final_patch_xyz": list(args.final_patch),
         "lr": args.lr,
+        "phase1_precision": args.phase1_precision,
+        "memory_format": args.memory_format,
         "threads": args.threads,
         "pool_volumes": len(pool),
         "pool_seconds": round(t_pool, 1),
@@ -401,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_p_hard": args.finetune_p_hard,
         "bn_recalibrate": args.bn_recalibrate,
         "finetune_fg_weight": args.finetune_fg_weight,
+        "lesion_sampling": args.lesion_sampling,
         "phase1_seconds": round(t1, 1),
         "phase1_weights": str(args.phase1_weights) if args.phase1_weights else None,
         "phase2_seconds": round(t2, 1),
