@@ -103,9 +103,11 @@ class SCU:
 
     def __init__(self, port: int, *, aet: str = "PYSCU", transfer_syntaxes: Sequence[str] | None = None) -> None:
         self.ae = AE(ae_title=aet)
-        self.ae.acse_timeout = 10
-        self.ae.dimse_timeout = 10
-        self.ae.network_timeout = 10
+        # 30 s, as PACS commonly wait: the node acknowledges only after fsync, and on a loaded 2-core CI machine one
+        # store once waited more than 10 s for it (test_sigterm_exits_zero_with_state_persisted, 5th C-STORE).
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = 30
+        self.ae.network_timeout = 30
         from dicom_node.scp import TRANSFER_SYNTAXES
 
         for ts in transfer_syntaxes or TRANSFER_SYNTAXES:  # one context per syntax: the SCP picks one per context
