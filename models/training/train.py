@@ -190,13 +190,15 @@ def sample_batch(  # type: ignore[no-untyped-def]
             it = pool[n_real + 1 + int(rng.integers(len(pool) - n_real - 1))]
         img, lab = it["image"], it["label"]
         u = rng.random()
+        near = None  # the points the patch is centred near (then jittered by up to a third of the patch)
         if u < p_fg and per_lesion and it["lesions"]:  # a lesion uniformly, then a voxel of it
-            les = it["lesions"][int(rng.integers(len(it["lesions"])))]
-            c = les[rng.integers(len(les))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
+            near = it["lesions"][int(rng.integers(len(it["lesions"])))]
         elif u < p_fg and len(it["fg"]):
-            c = it["fg"][rng.integers(len(it["fg"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
+            near = it["fg"]
         elif u < p_fg + p_hard and len(it["hard"]):
-            c = it["hard"][rng.integers(len(it["hard"]))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
+            near = it["hard"]
+        if near is not None:
+            c = near[rng.integers(len(near))] + rng.integers(-np.array(pz) // 3, np.array(pz) // 3 + 1)
         else:
             c = np.array([rng.integers(0, s) for s in img.shape])
         if rng.random() < p_spatial:

@@ -1,0 +1,69 @@
+"""The reference model's patch sampler (models/training/train.py): lesion-balanced sampling and the fast training
+layout. Small synthetic pools; the full command is timed and measured in models/training/README.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "models" / "training"))
+
+import train  # noqa: E402
+
+
+def _pool() -> list[dict]:  # type: ignore[type-arg]
+    """One volume (z,y,x = 16,96,96) with a big lesion (about 5,800 voxels) and a small one (27 voxels)."""
+    label = np.zeros((16, 96, 96), np.uint8)
+    label[2:10, 10:40, 10:40] = 1
+    label[12:15, 80:83, 80:83] = 1
+    image = np.full(label.shape, 0.1, np.float16)
+    fg = np.argwhere(label > 0).astype(np.int32)
+    hard = np.zeros((0, 3), np.int32)
+    return [{"image": image, "label": label, "fg": fg, "hard": hard}]
+
+
+def test_index_lesions_keeps_each_lesion_big_enough() -> None:
+    pool = _pool()
+    train.index_lesions(pool, min_voxels=20, per_lesion=500)
+    lesions = pool[0]["lesions"]
+    assert sorted(len(les) for les in lesions) == [27, 500]  # the big one subsampled, the small one whole
+    for les in lesions:
+        assert pool[0]["label"][tuple(les.T)].all()
+    train.index_lesions(pool, min_voxels=28)
+    assert len(pool[0]["lesions"]) == 1  # a lesion under min_voxels is not indexed
+
+
+@pytest.mark.parametrize(("per_lesion", "low", "high"), [(False, 0.0, 0.05), (True, 0.3, 0.7)])
+def test_lesion_sampling_centres_small_lesions_as_often_as_big_ones(per_lesion: bool, low: float, high: float) -> None:
+    """Voxel sampling nearly never centres the 27-voxel lesion; lesion sampling does so about half the time."""
+    pool = _pool()
+    train.index_lesions(pool)
+    rng = np.random.default_rng(0)
+    hits = 0
+    n = 200
+    for _ in range(n):
+        _x, y = train.sample_batch(
+            pool, rng, 1, (32, 32, 8), p_fg=1.0, p_hard=0.0, p_spatial=0.0, per_lesion=per_lesion
+        )
+        hits += 0 < int(y.sum()) <= 27  # the patch holds the small lesion (the two are 40 voxels apart)
+    assert low <= hits / n <= high
+
+
+def test_a_channels_last_bf16_trained_net_exports_to_plain_onnx(tmp_path: Path) -> None:
+    """train.py trains in channels_last_3d (optionally under bfloat16 autocast) and converts back before export."""
+    torch = pytest.importorskip("torch")
+    import common
+    import export
+
+    net = common.make_net("batch").to(memory_format=torch.channels_last_3d)
+    x = torch.rand(2, 1, 32, 32, 16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    out.float().mean().backward()
+    net = net.eval().to(memory_format=torch.contiguous_format)
+    err = export.export(net, tmp_path / "model.onnx", check_shape=(64, 64, 16))
+    assert err < 1e-2
