@@ -103,8 +103,9 @@ class SCU:
 
     def __init__(self, port: int, *, aet: str = "PYSCU", transfer_syntaxes: Sequence[str] | None = None) -> None:
         self.ae = AE(ae_title=aet)
-        # 30 s, as PACS commonly wait: the node acknowledges only after fsync, and on a loaded 2-core CI machine one
-        # store once waited more than 10 s for it (test_sigterm_exits_zero_with_state_persisted, 5th C-STORE).
+        # 30 s, as PACS commonly wait: in one full CI run on 2 cores a C-STORE response took over 10 s
+        # (test_sigterm_exits_zero_with_state_persisted, 5th store; the node acknowledges only after fsync, the likely
+        # but unconfirmed cause).
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 30
         self.ae.network_timeout = 30
