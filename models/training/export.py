@@ -66,8 +66,9 @@ def main() -> int:
     ap.add_argument("weights", type=Path)
     ap.add_argument("onnx", type=Path)
     ap.add_argument("--norm", choices=common.NORMS, default="batch", help="as the weights were trained")
+    ap.add_argument("--init-filters", type=int, choices=common.INIT_FILTERS, default=8, help="as trained")
     args = ap.parse_args()
-    net = common.make_net(args.norm)
+    net = common.make_net(args.norm, args.init_filters)
     net.load_state_dict(torch.load(args.weights, map_location="cpu"))
     export(net, args.onnx)
     return 0

@@ -67,3 +67,28 @@ def test_a_channels_last_bf16_trained_net_exports_to_plain_onnx(tmp_path: Path) 
     net = net.eval().to(memory_format=torch.contiguous_format)
     err = export.export(net, tmp_path / "model.onnx", check_shape=(64, 64, 16))
     assert err < 1e-2
+
+
+def test_lesion_weights_lift_small_lesions_up_to_the_clip() -> None:
+    """--lesion-weight-max: background 1; a lesion of n voxels sqrt(ref / n), clipped to [1, max]."""
+    y = np.zeros((2, 1, 40, 40, 8), np.int64)
+    y[0, 0, 2:5, 2:5, 2:5] = 1  # 27 voxels: sqrt(1309 / 27) = 7.0, clipped to 4
+    y[0, 0, 10:30, 10:30, 1:7] = 1  # 2400 voxels: larger than the reference, so 1
+    y[1, 0, 10:20, 10:20, 2:6] = 1  # 400 voxels: sqrt(1309 / 400) = 1.81
+    w = train.lesion_weights(y, ref_voxels=1309.0, max_weight=4.0)
+    assert w.shape == y.shape and w.dtype == np.float32
+    assert w[0, 0, 3, 3, 3] == pytest.approx(4.0)
+    assert w[0, 0, 20, 20, 3] == pytest.approx(1.0)
+    assert w[1, 0, 15, 15, 3] == pytest.approx(np.sqrt(1309.0 / 400.0))
+    assert (w[y == 0] == 1.0).all()
+
+
+def test_make_net_takes_the_two_widths_the_issue_allows() -> None:
+    pytest.importorskip("monai")
+    import common
+
+    small = sum(p.numel() for p in common.make_net("batch", 8).parameters())
+    wide = sum(p.numel() for p in common.make_net("batch", 16).parameters())
+    assert 3.9 < wide / small < 4.1
+    with pytest.raises(ValueError, match="init_filters"):
+        common.make_net("batch", 32)
