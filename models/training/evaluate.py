@@ -57,7 +57,7 @@ def segment_volume(img: sitk.Image, onnx_path: Path, threads: int = 2, lung_fiel
 
 
 def lesion_metrics(gt: np.ndarray, pred: np.ndarray, spacing_xyz) -> list[dict]:
-    cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(gt.astype(np.uint8)), True))
+    cc = simulate.components(gt)
     vox = float(np.prod(spacing_xyz))
     margin = (1, int(np.ceil(5.0 / spacing_xyz[1])), int(np.ceil(5.0 / spacing_xyz[0])))
     out = []
@@ -103,7 +103,7 @@ def evaluate(onnx_path: Path, insertions: int = 5, lesions: int = 12, log=print)
         rows += lesion_metrics(gt, pred, sp)
         inter += int((gt & pred).sum())
         union += int(gt.sum() + pred.sum())
-        pcc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(pred.astype(np.uint8)), True))
+        pcc = simulate.components(pred)
         hit = set(np.unique(pcc[gt]).tolist())
         fp_components += len(set(range(1, int(pcc.max()) + 1)) - hit)
         log(f"eval insertion {k}: {int(gt.sum())} GT voxels, solid overlap {int((pred & solid).sum())} voxels")

@@ -59,6 +59,11 @@ def blur_xy(arr: np.ndarray) -> np.ndarray:
     return a
 
 
+def components(mask: np.ndarray) -> np.ndarray:
+    """26-connected components of a boolean array (z,y,x): 0 background, 1..n one label per component."""
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+
+
 def lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
     """Lung fields (bool, z,y,x): low-HU components inside the body, closed and hole-filled slice by slice."""
     air = _img((hu < -400).astype(np.uint8), spacing_xyz)

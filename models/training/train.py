@@ -104,7 +104,7 @@ def index_lesions(pool: list[dict], min_voxels: int = 20, per_lesion: int = 2000
     rng = np.random.default_rng(0)
     for it in pool:
         lab = it["label"]
-        cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((lab > 0).astype(np.uint8)), True))
+        cc = simulate.components(lab > 0)
         sizes = np.bincount(cc.ravel())
         lesions = []
         for k in np.flatnonzero(sizes >= min_voxels):
@@ -181,7 +181,7 @@ def lesion_weights(y: np.ndarray, ref_voxels: float, max_weight: float) -> np.nd
         lab = y[i, 0] > 0
         if not lab.any():
             continue
-        cc = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(lab.astype(np.uint8)), True))
+        cc = simulate.components(lab)
         sizes = np.bincount(cc.ravel()).astype(np.float32)
         per = np.clip(np.sqrt(ref_voxels / np.maximum(sizes, 1.0)), 1.0, max_weight)
         per[0] = 1.0
@@ -364,13 +364,22 @@ def main(argv: list[str] | None = None) -> int:
     vox_mm3 = float(np.prod(common.spec().pre.spacing_mm))
     ref_voxels = 4.0 / 3.0 * np.pi * 10.0**3 / vox_mm3  # a 20 mm sphere on the model grid
 
-    def weighted_loss(out, y: np.ndarray, fg_weight: float):  # type: ignore[no-untyped-def]
-        """Dice + lesion-weighted cross-entropy (class weights as DiceCELoss's ``weight``)."""
-        w = torch.from_numpy(lesion_weights(y, ref_voxels, args.lesion_weight_max))[:, 0]
-        ce = torch.nn.functional.cross_entropy(
-            out, torch.from_numpy(y)[:, 0], weight=torch.tensor([1.0, fg_weight]), reduction="none"
-        )
-        return dice_fn(out, torch.from_numpy(y)) + (ce * w).mean()
+    def make_loss(fg_weight: float):  # type: ignore[no-untyped-def]
+        """(logits, numpy labels) -> loss: MONAI's DiceCELoss (GGO class-weighted by ``fg_weight``), or with
+        ``--lesion-weight-max`` above 1, Dice + cross-entropy weighted per lesion (``lesion_weights``)."""
+        classes = torch.tensor([1.0, fg_weight])
+        if args.lesion_weight_max <= 1.0:
+            dice_ce = (
+                loss_fn if fg_weight == 1.0 else DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=classes)
+            )
+            return lambda out, y: dice_ce(out, torch.from_numpy(y))
+
+        def weighted(out, y: np.ndarray):  # type: ignore[no-untyped-def]
+            w = torch.from_numpy(lesion_weights(y, ref_voxels, args.lesion_weight_max))[:, 0]
+            ce = torch.nn.functional.cross_entropy(out, torch.from_numpy(y)[:, 0], weight=classes, reduction="none")
+            return dice_fn(out, torch.from_numpy(y)) + (ce * w).mean()
+
+        return weighted
 
     curve = (args.out / "loss.csv").open("w")
     curve.write("phase,iter,loss,lr,seconds\n")
@@ -388,11 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16: bool = False,
         per_lesion: bool = False,
     ) -> float:
-        lf = (
-            loss_fn
-            if fg_weight == 1.0
-            else DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=torch.tensor([1.0, fg_weight]))
-        )
+        lf = make_loss(fg_weight)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
         warm = min(100, iters // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -420,10 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.n_real,
                 per_lesion=per_lesion,
             )
-            if args.lesion_weight_max > 1.0:
-                loss = weighted_loss(forward(x, bf16), y, fg_weight)
-            else:
-                loss = lf(forward(x, bf16), torch.from_numpy(y))
+            loss = lf(forward(x, bf16), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,5 +1,6 @@
-"""The reference model's patch sampler (models/training/train.py): lesion-balanced sampling and the fast training
-layout. Small synthetic pools; the full command is timed and measured in models/training/README.md."""
+"""The reference model's training options (models/training/train.py): lesion-balanced sampling, the fast training
+layout, lesion-weighted loss, network width. Small synthetic inputs; the full command is timed and measured in
+models/training/README.md."""
 
 from __future__ import annotations
 
