@@ -359,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
             out = net(torch.from_numpy(x).contiguous(memory_format=layout))
         return out.float()
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    dice_fn = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
     vox_mm3 = float(np.prod(common.spec().pre.spacing_mm))
     ref_voxels = 4.0 / 3.0 * np.pi * 10.0**3 / vox_mm3  # a 20 mm sphere on the model grid
 
@@ -369,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         ``--lesion-weight-max`` above 1, Dice + cross-entropy weighted per lesion (``lesion_weights``)."""
         classes = torch.tensor([1.0, fg_weight])
         if args.lesion_weight_max <= 1.0:
-            dice_ce = (
-                loss_fn if fg_weight == 1.0 else DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=classes)
-            )
+            weight = None if fg_weight == 1.0 else classes
+            dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
             return lambda out, y: dice_ce(out, torch.from_numpy(y))
+        dice_fn = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
 
         def weighted(out, y: np.ndarray):  # type: ignore[no-untyped-def]
             w = torch.from_numpy(lesion_weights(y, ref_voxels, args.lesion_weight_max))[:, 0]
