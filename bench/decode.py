@@ -22,7 +22,7 @@ from pydicom.uid import JPEGLosslessSV1
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.reconstruct import reconstruct  # noqa: E402
+from dicom_node.series.reconstruct import reconstruct  # noqa: E402
 from dicom_node.settings import ReconstructionSection  # noqa: E402
 from dicom_node.types import InstanceRecord, SeriesManifest  # noqa: E402
 from tests.factories import read_volume, tall_volume, write_ct_series  # noqa: E402

@@ -197,8 +197,10 @@ def main() -> int:
         f", child processes (decoders, tritonserver) {r['rss_children_mb']:.0f} MB" if r["rss_children_mb"] else ""
     ))  # fmt: skip
     print(f"SEG objects at storescp: {r['seg_files']}")
-    print(f"reception (storescu start -> last ACK): {r['reception']:.3f} s; instances decoded while arriving: "
-          f"{r['predecoded']} of {args.slices} (predecode_cache_mb {args.predecode_mb})")
+    print(
+        f"reception (storescu start -> last ACK): {r['reception']:.3f} s; instances decoded while arriving: "
+        f"{r['predecoded']} of {args.slices} (predecode_cache_mb {args.predecode_mb})"
+    )
     return 0
 
 

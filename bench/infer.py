@@ -27,7 +27,16 @@ sys.path.insert(0, str(REPO))
 OUT = REPO / "bench" / "out"
 LUNG1 = REPO.parent / "shared" / "data" / "chest_ct_volumes" / "lung1_image.nrrd"
 STAGES = (
-    "read", "resample", "normalise", "lung_fields", "tiling", "model_compute", "blending", "labels", "restore", "write"
+    "read",
+    "resample",
+    "normalise",
+    "lung_fields",
+    "tiling",
+    "model_compute",
+    "blending",
+    "labels",
+    "restore",
+    "write",
 )
 
 
@@ -108,15 +117,9 @@ def run_case(input_file: Path, backend_name: str, repo: Path) -> dict[str, objec
         tiny_image = read_volume(Path(tiny)).image
         write_label(sitk.Cast(resample_to_spacing(tiny_image, (2.0, 2.0, 2.0)) > 0, sitk.sitkUInt8), Path(tiny), "o")
     rss0 = _status_kb("VmRSS")
-    try:
-        from dicom_node.inference_runtime import open_backend
+    from dicom_node.inference_runtime import open_backend
 
-        ctx = open_backend(settings, spec, backend_name)
-    except ModuleNotFoundError:
-        from dicom_node.file_mode import onnxruntime_backend
-
-        ctx = onnxruntime_backend(settings, spec, backend_name)
-    with ctx as backend:
+    with open_backend(settings, spec, backend_name) as backend:
         rx, ry, rz = spec.inferer.roi_size
         for _ in range(2):  # warm-up, twice: a runtime may size its arena on the second run of a shape
             backend.infer(np.zeros((spec.inferer.batch_size, 1, rx, ry, rz), dtype=np.float32))
@@ -155,23 +158,29 @@ def _report(name: str, r: dict[str, object]) -> bool:
     total = float(r["total"])  # type: ignore[arg-type]
     model = stages["model_compute"]
     ratio = (total - model) / model
-    print(f"\n== {name}: {' x '.join(map(str, r['size']))} -> model grid "  # type: ignore[arg-type]
-          f"{' x '.join(map(str, r['model_grid']))}, {r['windows']} windows")  # type: ignore[arg-type]
+    print(
+        f"\n== {name}: {' x '.join(map(str, r['size']))} -> model grid "  # type: ignore[arg-type]
+        f"{' x '.join(map(str, r['model_grid']))}, {r['windows']} windows"
+    )  # type: ignore[arg-type]
     for stage in STAGES:
         print(f"  {stage:<14}{stages.get(stage, 0.0):9.3f} s")
     other = total - sum(stages.get(s, 0.0) for s in STAGES)
     print(f"  {'(unaccounted)':<14}{other:9.3f} s")
     print(f"  {'total':<14}{total:9.3f} s")
-    print(f"  ratio (total - model compute) / model compute = {ratio:.3f}  (target <= 0.10: "
-          f"{'met' if ratio <= 0.10 else 'NOT met'})")
+    print(
+        f"  ratio (total - model compute) / model compute = {ratio:.3f}  (target <= 0.10: "
+        f"{'met' if ratio <= 0.10 else 'NOT met'})"
+    )
     peak = float(r["peak_rss_mb"])  # type: ignore[arg-type]
     base = float(r["baseline_rss_mb"])  # type: ignore[arg-type]
     ws = float(r["model_working_set_mb"])  # type: ignore[arg-type]
     vol = float(r["resampled_f32_mb"])  # type: ignore[arg-type]
     budget = 4 * vol + ws
-    print(f"  peak RSS {peak:.0f} MB; above the {base:.0f} MB process baseline: {peak - base:.0f} MB; budget "
-          f"4 x {vol:.0f} MB (float32 resampled) + {ws:.0f} MB (model working set) = {budget:.0f} MB: "
-          f"{'met' if peak - base <= budget else 'NOT met'}")
+    print(
+        f"  peak RSS {peak:.0f} MB; above the {base:.0f} MB process baseline: {peak - base:.0f} MB; budget "
+        f"4 x {vol:.0f} MB (float32 resampled) + {ws:.0f} MB (model working set) = {budget:.0f} MB: "
+        f"{'met' if peak - base <= budget else 'NOT met'}"
+    )
     return ratio <= 0.10 and peak - base <= budget
 
 
@@ -195,13 +204,15 @@ def main() -> int:
         # A fresh process per case: peak RSS is per process.
         proc = subprocess.run(
             [sys.executable, __file__, "--backend", args.backend, "--child", str(inputs[name]), str(repo)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout + proc.stderr, file=sys.stderr)
             return 1
-        result = json.loads(line[len("RESULT "):])
+        result = json.loads(line[len("RESULT ") :])
         ok = _report(name, result) and ok
         if args.json:
             print(json.dumps(result))

@@ -9,9 +9,9 @@ from typing import Any
 
 from dicom_node.db import DB_NAME, Database
 from dicom_node.errors import NodeError
-from dicom_node.outbox import list_exports, retry_failed_for_job
+from dicom_node.export.outbox import list_exports, retry_failed_for_job
+from dicom_node.jobs import FailureStage, JobState
 from dicom_node.settings import Settings
-from dicom_node.types import JobState
 
 
 def _open(settings: Settings) -> Database:
@@ -53,6 +53,8 @@ def print_status(settings: Settings, as_json: bool = False) -> int:
     w(f"jobs ({len(status['jobs'])})\n")
     for j in status["jobs"]:
         reason = f"  {j['reason']}" if j["reason"] else ""
+        if j.get("failure_stage"):
+            reason = f"  [{j['failure_stage']}]{reason}"
         w(
             f"  {j['id']:>5}  {j['state']:<9} run {j['run']}  attempts {j['attempts']}  "
             f"{j['series_instance_uid']}  {_when(j['updated_at'])}{reason}\n"
@@ -89,7 +91,7 @@ def retry(settings: Settings, job_id: str) -> int:
         current = db.job(jid)
         if current is None:
             raise NodeError(f"job {jid}: no such job")
-        if current.state is JobState.FAILED and (current.reason or "").startswith("export failed"):
+        if current.state is JobState.FAILED and current.failure_stage is FailureStage.EXPORT:
             rows = retry_failed_for_job(settings, jid)
             if rows and db.transition(jid, JobState.EXPORTING, f"retry: {rows} export(s) re-queued",
                                       expect=[JobState.FAILED]):  # fmt: skip

@@ -7,7 +7,7 @@ other things an operator must be able to see later: unknown calling AE, unreadab
 
 Every state transition is one transaction. The database runs in WAL mode with ``synchronous=FULL`` and a busy
 timeout, so a committed transition survives a crash and concurrent processes (``dicom-node status``) wait
-instead of failing. Other modules (the outbox) open their own connection with :func:`connect`.
+instead of failing. The outbox's SQL is here too (:class:`ExportStore`), on connections of its own threads.
 
 Durability order on receipt: the instance file is made durable first (spool), then its row is committed, then
 Success is answered. A crash after the file and before the row leaves a spool file the database does not know;
@@ -25,9 +25,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from dicom_node.types import InstanceRecord, Job, JobState, SeriesManifest
+from dicom_node.jobs import TRANSITIONS, FailureStage, Job, JobState, check_transition, sources_of
+from dicom_node.types import HeaderFacts, InstanceRecord, SeriesManifest
 
 DB_NAME = "state.sqlite3"
 BUSY_TIMEOUT_MS = 30_000
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     not_before          REAL,
     created_at          REAL NOT NULL,
     updated_at          REAL NOT NULL,
+    failure_stage       TEXT,
     UNIQUE (series_instance_uid, run)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -92,7 +94,39 @@ CREATE TABLE IF NOT EXISTS events (
     reason              TEXT NOT NULL,
     path                TEXT
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id              INTEGER NOT NULL,
+    sop_instance_uid    TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    destination         TEXT NOT NULL,
+    dest_ae_title       TEXT NOT NULL,
+    dest_host           TEXT NOT NULL,
+    dest_port           INTEGER NOT NULL,
+    calling_ae_title    TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at     REAL NOT NULL,
+    dimse_status        INTEGER,
+    reason              TEXT,
+    created_at          REAL NOT NULL,
+    updated_at          REAL NOT NULL,
+    delivered_at        REAL,
+    UNIQUE (job_id, sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+CREATE TABLE IF NOT EXISTS outbox_jobs (
+    job_id       INTEGER PRIMARY KEY,
+    notified     TEXT,
+    notified_at  REAL
+);
 """
+
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (("jobs", "failure_stage", "TEXT"),)
+"""Columns added since the first release: (table, column, type), added to an older database at open."""
 
 SERIES_RECEIVING = "receiving"
 """The series has an open run (its job is RECEIVED)."""
@@ -113,6 +147,10 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(SCHEMA)
+    for table, column, kind in MIGRATIONS:
+        have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     return conn
 
 
@@ -140,6 +178,7 @@ def _job(row: sqlite3.Row) -> Job:
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
         lease_expires_at=row["lease_expires_at"],
+        failure_stage=FailureStage(row["failure_stage"]) if row["failure_stage"] else None,
     )
 
 
@@ -156,17 +195,6 @@ def _instance(row: sqlite3.Row) -> InstanceRecord:
         association_id=row["association_id"],
         received_at=float(row["received_at"]),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderFacts:
-    """What the receive path parsed from an instance's header (never the pixels)."""
-
-    modality: str | None = None
-    instance_number: int | None = None
-    number_of_frames: int | None = None
-    position: tuple[float, float, float] | None = None
-    orientation: tuple[float, float, float, float, float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,28 +383,55 @@ class Database:
                 orientations.append(json.loads(r["orientation"]))
         return orientations, positions, multi
 
-    def complete_series(self, stats: SeriesStats, why: str) -> bool:
-        """RECEIVED -> COMPLETE -> QUEUED, unless an instance arrived since ``stats`` was read. One tx each."""
-        now = self.clock()
+    def complete_series(self, stats: SeriesStats, why: str) -> Job | None:
+        """RECEIVED -> COMPLETE -> QUEUED, unless an instance arrived since ``stats`` was read. One tx each.
+        Returns the job as it was before (for the transition log), or None when nothing moved."""
         with self.tx() as c:
             cur = c.execute(
                 "UPDATE series SET state=? WHERE series_instance_uid=? AND run=? AND state=? AND last_arrival=?",
                 (SERIES_PROCESSED, stats.series_instance_uid, stats.run, SERIES_RECEIVING, stats.last_arrival),
             )
             if cur.rowcount != 1:
-                return False
-            c.execute(
-                "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=? AND state=?",
-                (JobState.COMPLETE.value, why, now, stats.job_id, JobState.RECEIVED.value),
-            )
+                return None
+            before = _job(c.execute("SELECT * FROM jobs WHERE id=?", (stats.job_id,)).fetchone())
+            if not self._move(c, stats.job_id, JobState.COMPLETE, why):
+                return None
         with self.tx() as c:
-            c.execute(
-                "UPDATE jobs SET state=?, updated_at=?, not_before=NULL WHERE id=? AND state=?",
-                (JobState.QUEUED.value, now, stats.job_id, JobState.COMPLETE.value),
-            )
-        return True
+            self._move(c, stats.job_id, JobState.QUEUED, why, not_before=None)
+        return before
 
-    # -- jobs ----------------------------------------------------------------------------------------------
+    # -- jobs: every state change goes through _move, which holds it to dicom_node.jobs.TRANSITIONS ----------
+    def _move(
+        self,
+        c: sqlite3.Connection,
+        job_id: int,
+        to: JobState,
+        reason: str | None,
+        *,
+        expect: Sequence[JobState] | None = None,
+        stage: FailureStage | None = None,
+        not_before: float | None = None,
+        lease_expires_at: float | None = None,
+        attempts: str = "attempts",
+    ) -> bool:
+        """Move one job inside the open transaction ``c``: only from a state the state machine allows (and, when
+        given, one of ``expect``). ``attempts`` is the SQL for the new attempt count. False if it did not move."""
+        allowed = sources_of(to)
+        if expect is not None:
+            for frm in expect:
+                check_transition(frm, to)
+            allowed = allowed & frozenset(expect)
+        if not allowed:
+            return False
+        states = sorted(st.value for st in allowed)
+        cur = c.execute(
+            f"UPDATE jobs SET state=?, reason=?, updated_at=?, not_before=?, lease_expires_at=?, failure_stage=?, "
+            f"attempts={attempts} WHERE id=? AND state IN ({','.join('?' * len(states))})",
+            [to.value, reason, self.clock(), not_before, lease_expires_at,
+             stage.value if stage is not None and to is JobState.FAILED else None, job_id, *states],
+        )  # fmt: skip
+        return cur.rowcount == 1
+
     def job(self, job_id: int) -> Job | None:
         rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))
         return _job(rows[0]) if rows else None
@@ -391,15 +446,14 @@ class Database:
         now = self.clock()
         with self.tx() as c:
             row = c.execute(
-                "SELECT id FROM jobs WHERE state=? AND (not_before IS NULL OR not_before<=?) ORDER BY id LIMIT 1",
+                "SELECT id, reason FROM jobs WHERE state=? AND (not_before IS NULL OR not_before<=?) "
+                "ORDER BY id LIMIT 1",
                 (JobState.QUEUED.value, now),
             ).fetchone()
             if row is None:
                 return None
-            c.execute(
-                "UPDATE jobs SET state=?, attempts=attempts+1, lease_expires_at=?, updated_at=? WHERE id=?",
-                (JobState.INFERRING.value, now + lease_seconds, now, row["id"]),
-            )
+            self._move(c, int(row["id"]), JobState.INFERRING, row["reason"], lease_expires_at=now + lease_seconds,
+                       attempts="attempts+1")  # fmt: skip
             job = c.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
         return _job(job)
 
@@ -417,18 +471,13 @@ class Database:
         reason: str | None = None,
         *,
         expect: Sequence[JobState] | None = None,
+        stage: FailureStage | None = None,
         not_before: float | None = None,
     ) -> bool:
-        """Move a job to ``to`` (only from one of ``expect`` when given). One transaction. False if not moved."""
-        now = self.clock()
+        """Move a job to ``to`` as the state machine allows (only from one of ``expect`` when given); ``stage``
+        records where a FAILED job failed. One transaction. False if not moved."""
         with self.tx() as c:
-            sql = "UPDATE jobs SET state=?, reason=?, updated_at=?, not_before=?, lease_expires_at=? WHERE id=?"
-            params: list[Any] = [to.value, reason, now, not_before, None, job_id]
-            if expect:
-                sql += f" AND state IN ({','.join('?' * len(expect))})"
-                params += [s.value for s in expect]
-            cur = c.execute(sql, params)
-            return cur.rowcount == 1
+            return self._move(c, job_id, to, reason, expect=expect, stage=stage, not_before=not_before)
 
     def requeue_expired(self, *, all_inferring: bool = False, max_attempts: int | None = None) -> list[int]:
         """INFERRING jobs whose lease lapsed (or all of them, at start-up) go back to QUEUED; those past
@@ -445,41 +494,27 @@ class Database:
                 )
             for r in rows.fetchall():
                 if max_attempts is not None and r["attempts"] >= max_attempts:
-                    c.execute(
-                        "UPDATE jobs SET state=?, reason=?, updated_at=?, lease_expires_at=NULL WHERE id=?",
-                        (
-                            JobState.FAILED.value,
-                            f"interrupted {r['attempts']} times (node stopped or worker lost); not retried again",
-                            now, r["id"],
-                        ),
-                    )  # fmt: skip
+                    why = f"interrupted {r['attempts']} times (node stopped or worker lost); not retried again"
+                    self._move(c, int(r["id"]), JobState.FAILED, why, stage=FailureStage.INTERRUPTED)
                 else:
-                    c.execute(
-                        "UPDATE jobs SET state=?, reason=?, updated_at=?, lease_expires_at=NULL WHERE id=?",
-                        (JobState.QUEUED.value, "lease expired: worker lost; re-queued", now, r["id"]),
-                    )
+                    self._move(c, int(r["id"]), JobState.QUEUED, "lease expired: worker lost; re-queued")
                 moved.append(int(r["id"]))
             # COMPLETE is a transient state between two transactions; finish it.
-            c.execute(
-                "UPDATE jobs SET state=?, updated_at=? WHERE state=?",
-                (JobState.QUEUED.value, now, JobState.COMPLETE.value),
-            )
+            for r in c.execute("SELECT id, reason FROM jobs WHERE state=?", (JobState.COMPLETE.value,)).fetchall():
+                self._move(c, int(r["id"]), JobState.QUEUED, r["reason"])
         return moved
 
     def retry(self, job_id: int) -> Job:
-        """A failed or skipped job back to QUEUED (attempts reset). KeyError / ValueError name the job."""
+        """A done, failed or skipped job back to QUEUED (attempts reset). KeyError / ValueError name the job."""
         with self.tx() as c:
             row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise KeyError(f"job {job_id}: no such job")
             state = JobState(row["state"])
-            if state not in (JobState.FAILED, JobState.SKIPPED, JobState.DONE):
+            if JobState.QUEUED not in TRANSITIONS[state]:
                 raise ValueError(f"job {job_id}: is {state.value}, only failed, skipped or done jobs can be retried")
-            c.execute(
-                "UPDATE jobs SET state=?, attempts=0, reason=?, not_before=NULL, lease_expires_at=NULL, "
-                "updated_at=? WHERE id=?",
-                (JobState.QUEUED.value, f"retry requested (was {state.value}: {row['reason']})", self.clock(), job_id),
-            )
+            why = f"retry requested (was {state.value}: {row['reason']})"
+            self._move(c, job_id, JobState.QUEUED, why, attempts="0")
             job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job(job)
 
@@ -495,3 +530,172 @@ class Database:
             instances=tuple(_instance(r) for r in rows),
             run=job.run,
         )
+
+
+# -- the outbox's tables ----------------------------------------------------------------------------------------
+
+ExportState = Literal["pending", "sending", "delivered", "warning", "failed"]
+ACCEPTED_EXPORT_STATES = ("delivered", "warning")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    """One (object, destination) pair of the outbox."""
+
+    id: int
+    job_id: int
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: str
+    destination: str
+    dest_ae_title: str
+    dest_host: str
+    dest_port: int
+    calling_ae_title: str
+    state: ExportState
+    attempts: int
+    next_attempt_at: float
+    dimse_status: int | None
+    reason: str | None
+    created_at: float
+    updated_at: float
+    delivered_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ExportRow:
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class ExportTarget:
+    """Where one object goes: the outbox's key of the destination and how to reach it."""
+
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str
+
+
+class ExportStore:
+    """The outbox's SQL on one connection (the outbox gives each sender thread its own). Each method is one
+    transaction; the outbox decides what to do, this class only says how it is stored."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    def open(cls, path: Path) -> ExportStore:
+        return cls(connect(path))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def recover(self, now: float) -> tuple[int, list[int]]:
+        """Rows found ``sending`` (a crash mid-send) back to ``pending``; unfinished announcements re-armed.
+        Returns (rows recovered, every job id with rows)."""
+        with transaction(self.conn) as c:
+            n = c.execute(
+                "UPDATE outbox SET state='pending', next_attempt_at=?, updated_at=? WHERE state='sending'", (now, now)
+            ).rowcount
+            c.execute("UPDATE outbox_jobs SET notified=NULL WHERE notified LIKE 'announcing:%'")
+            jobs = [int(r[0]) for r in c.execute("SELECT DISTINCT job_id FROM outbox")]
+        return int(n), jobs
+
+    def enqueue(self, job_id: int, sop_instance_uid: str, series_instance_uid: str, study_instance_uid: str,
+                path: Path, targets: Sequence[ExportTarget], now: float) -> None:  # fmt: skip
+        """One row per target for the object, due now. A row that exists for the same (job, object, destination)
+        is re-armed (pending, attempts reset) unless a send of it is in flight: a new enqueue means the job ran
+        again and its results must reach every destination again."""
+        with transaction(self.conn) as c:
+            c.execute("INSERT OR IGNORE INTO outbox_jobs (job_id) VALUES (?)", (job_id,))
+            c.execute("UPDATE outbox_jobs SET notified=NULL, notified_at=NULL WHERE job_id=?", (job_id,))
+            for t in targets:
+                c.execute(
+                    """INSERT INTO outbox (job_id, sop_instance_uid, series_instance_uid, study_instance_uid, path,
+                           destination, dest_ae_title, dest_host, dest_port, calling_ae_title, state, attempts,
+                           next_attempt_at, created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)
+                       ON CONFLICT (job_id, sop_instance_uid, destination) DO UPDATE SET
+                           path=excluded.path,
+                           state=CASE WHEN state='sending' THEN state ELSE 'pending' END,
+                           attempts=CASE WHEN state='sending' THEN attempts ELSE 0 END,
+                           next_attempt_at=excluded.next_attempt_at,
+                           reason=CASE WHEN state='sending' THEN reason
+                                       ELSE 're-queued by a new run of the job; previously ' || state ||
+                                            COALESCE(': ' || reason, '') END,
+                           updated_at=excluded.updated_at""",
+                    (
+                        job_id, sop_instance_uid, series_instance_uid, study_instance_uid, str(path), t.destination,
+                        t.ae_title, t.host, t.port, t.calling_ae_title, now, now, now,
+                    ),
+                )  # fmt: skip
+
+    def retry_failed(self, job_id: int, now: float) -> int:
+        """The job's failed rows back to pending with a fresh attempt count; returns how many."""
+        with transaction(self.conn) as c:
+            n = c.execute(
+                """UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, updated_at=?,
+                       reason='retry requested; previously: ' || COALESCE(reason, '')
+                   WHERE job_id=? AND state='failed'""",
+                (now, now, job_id),
+            ).rowcount
+            if n:
+                c.execute("UPDATE outbox_jobs SET notified=NULL, notified_at=NULL WHERE job_id=?", (job_id,))
+        return int(n)
+
+    def rows(self, job_id: int | None = None) -> list[ExportRow]:
+        if job_id is None:
+            cur = self.conn.execute("SELECT * FROM outbox ORDER BY id")
+        else:
+            cur = self.conn.execute("SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,))
+        return [ExportRow.from_row(r) for r in cur.fetchall()]
+
+    def claim(self, now: float) -> tuple[ExportRow | None, float | None]:
+        """The most overdue pending row whose destination has nothing in flight, now ``sending`` with its attempt
+        counted; or (None, when the next pending row is due)."""
+        with transaction(self.conn) as c:
+            row = c.execute(
+                """SELECT * FROM outbox
+                   WHERE state='pending' AND next_attempt_at <= ?
+                     AND destination NOT IN (SELECT destination FROM outbox WHERE state='sending')
+                   ORDER BY next_attempt_at, id LIMIT 1""",
+                (now,),
+            ).fetchone()
+            if row is None:
+                nxt = c.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'").fetchone()[0]
+                return None, None if nxt is None else float(nxt)
+            c.execute(
+                "UPDATE outbox SET state='sending', attempts=attempts+1, updated_at=? WHERE id=?", (now, row["id"])
+            )
+            claimed = c.execute("SELECT * FROM outbox WHERE id=?", (row["id"],)).fetchone()
+        return ExportRow.from_row(claimed), None
+
+    def record_attempt(self, row_id: int, state: ExportState, next_attempt_at: float, dimse_status: int | None,
+                       reason: str | None, now: float) -> None:  # fmt: skip
+        with transaction(self.conn) as c:
+            c.execute(
+                """UPDATE outbox SET state=?, next_attempt_at=?, dimse_status=?, reason=?, updated_at=?,
+                       delivered_at=CASE WHEN ? IN ('delivered', 'warning') THEN ? ELSE delivered_at END
+                   WHERE id=?""",
+                (state, next_attempt_at, dimse_status, reason, now, state, now, row_id),
+            )
+
+    def claim_announcement(self, job_id: int, outcome: str) -> bool:
+        """Take the right to announce ``outcome`` for the job: False when it was announced, or is being."""
+        with transaction(self.conn) as c:
+            row = c.execute("SELECT notified FROM outbox_jobs WHERE job_id=?", (job_id,)).fetchone()
+            current = None if row is None else row[0]
+            if current is not None and (current == outcome or current.startswith("announcing:")):
+                return False
+            c.execute(
+                "INSERT OR REPLACE INTO outbox_jobs (job_id, notified, notified_at) VALUES (?, ?, NULL)",
+                (job_id, f"announcing:{outcome}"),
+            )
+        return True
+
+    def finish_announcement(self, job_id: int, outcome: str | None, now: float) -> None:
+        """Record the announcement (``outcome``), or None to announce it again later (the callback failed)."""
+        with transaction(self.conn) as c:
+            c.execute("UPDATE outbox_jobs SET notified=?, notified_at=? WHERE job_id=?", (outcome, now, job_id))

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 
-from dicom_node.settings import Settings
+from dicom_node.errors import Rejected
+from dicom_node.inference_runtime import open_backend
+from dicom_node.series.headers import READ_ERRORS, instance_uids
+from dicom_node.series.reconstruct import reconstruct_headers
+from dicom_node.settings import ReconstructionSection, Settings
+from dicom_node.types import CTVolume, InstanceRecord
 from inference.backend import Backend
-from inference.errors import BackendUnavailable, InferenceError, InputVolumeError
+from inference.errors import InferenceError, InputVolumeError
 from inference.pipeline import SegmentationResult, segment
 from inference.spec import InferenceSpec, load_spec
 from inference.volume_io import InputVolume, read_volume
@@ -25,48 +33,49 @@ from inference.writers import OutputError, write_label, write_publish
 
 log = logging.getLogger(__name__)
 
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
 BackendFactory = Callable[[Settings, InferenceSpec, "str | None"], AbstractContextManager[Backend]]
 
 RENDER_CONFIG_NAME = "config_render.json"
 _PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "config"
 
 
-def _default_backend_factory(
-    settings: Settings, spec: InferenceSpec, backend: str | None
-) -> AbstractContextManager[Backend]:
-    try:
-        from dicom_node.inference_runtime import open_backend  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:  # the runtime module is optional for the ONNX Runtime path
-        if exc.name != "dicom_node.inference_runtime":
-            raise
-        name = backend or settings.inference.backend
-        if name != "onnxruntime":
-            raise BackendUnavailable(f"{name}: backend not available in this installation ({exc})") from exc
-        return onnxruntime_backend(settings, spec, backend)
-    runtime: AbstractContextManager[Backend] = open_backend(settings, spec, backend)
-    return runtime
+def read_dicom_folder(folder: Path, policy: ReconstructionSection) -> CTVolume:
+    """Reconstruct the one series in ``folder`` (files at any depth; non-DICOM files and DICOMDIR are ignored)
+    through the node's own reconstruction, so file mode and the daemon agree.
 
-
-@contextmanager
-def onnxruntime_backend(settings: Settings, spec: InferenceSpec, backend: str | None = None) -> Iterator[Backend]:
-    """An ONNX Runtime backend on ``<model_repository>/<name>/<version>/<onnx_file>`` (checked on open)."""
-    from inference.onnx_backend import OnnxRuntimeBackend
-
-    runtime = OnnxRuntimeBackend(
-        spec, spec.model.onnx_path(settings.inference.model_repository), settings.inference.onnxruntime.intra_op_threads
-    )
-    try:
-        runtime.check()
-        yield runtime
-    finally:
-        runtime.close()
+    Raises ``Rejected`` when the folder holds no DICOM image or more than one series.
+    """
+    groups: dict[str, list[tuple[InstanceRecord, Dataset]]] = {}
+    study_of: dict[str, str] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except READ_ERRORS:
+            continue
+        uids = instance_uids(ds, transfer_syntax_uid=ImplicitVRLittleEndian)
+        if uids.sop_class_uid == MEDIA_STORAGE_DIRECTORY or "Rows" not in ds:
+            continue  # a DICOMDIR, or not an image (a SR, a SEG...)
+        stat = path.stat()
+        record = InstanceRecord(
+            sop_instance_uid=uids.sop_instance_uid, sop_class_uid=uids.sop_class_uid,
+            study_instance_uid=uids.study_instance_uid, series_instance_uid=uids.series_instance_uid,
+            transfer_syntax_uid=uids.transfer_syntax_uid, path=path.resolve(), size=stat.st_size,
+            calling_ae_title="", association_id="", received_at=stat.st_mtime,
+        )  # fmt: skip
+        groups.setdefault(uids.series_instance_uid, []).append((record, ds))
+        study_of.setdefault(uids.series_instance_uid, uids.study_instance_uid)
+    if not groups:
+        raise Rejected(f"{folder}: no DICOM image found")
+    if len(groups) > 1:
+        shown = ", ".join(f"{uid or '(no SeriesInstanceUID)'} ({len(v)} files)" for uid, v in groups.items())
+        raise Rejected(f"{folder}: holds {len(groups)} series, expected one: {shown}")
+    ((series, items),) = groups.items()
+    return reconstruct_headers(study_of[series], series, items, policy)
 
 
 def _read_dicom_series(folder: Path, settings: Settings) -> tuple[sitk.Image, tuple[Path, ...]]:
-    """A DICOM series folder through the node's own reconstruction, so file mode and the daemon agree."""
-    from dicom_node.errors import Rejected
-    from dicom_node.reconstruct import read_dicom_folder
-
     try:
         volume = read_dicom_folder(folder, settings.reconstruction)
     except Rejected as exc:
@@ -127,7 +136,7 @@ def run_file_mode(
         raise OutputError(f"{output_dir}: output path exists and is not a folder")
     volume = read_volume(input_dir, dicom_reader=lambda folder: _read_dicom_series(folder, settings))
     t_read = time.perf_counter() - t0
-    factory = backend_factory or _default_backend_factory
+    factory = backend_factory or open_backend
     try:
         with factory(settings, spec, backend) as runtime:
             result = segment(volume.image, spec, runtime)

@@ -4,9 +4,11 @@ Structured fields travel as ``extra=`` on the record (``association``, ``calling
 ``series_uid``, ``sop_uid``, ``job_id``, ``state``, ``reason``, ``status``, ``count``, ...): the JSON formatter
 writes every non-standard attribute as a key, the plain formatter appends them as ``key=value``.
 
-Logger names: ``dicom_node.scp`` (one line per association, one per instance batch of a series),
-``dicom_node.jobs`` (one line per job transition), ``dicom_node.completion``, ``dicom_node.export`` (the outbox),
-``dicom_node.daemon``. pynetdicom's own chatter is kept at WARNING.
+Logger names follow one rule: each module logs as ``logging.getLogger(__name__)``, named ``log``, so a logger's
+name is its module's and a package's name selects a stage: ``dicom_node.receive`` (one line per association, one
+per instance batch of a series), ``dicom_node.jobs`` (one line per job transition), ``dicom_node.series``,
+``dicom_node.export`` (the SEG, the outbox, the SCU), ``dicom_node.daemon``. pynetdicom's own chatter is kept at
+WARNING.
 """
 
 from __future__ import annotations

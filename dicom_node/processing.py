@@ -26,23 +26,24 @@ import SimpleITK as sitk
 from dicom_node import __version__
 from dicom_node.db import Database
 from dicom_node.errors import Rejected
+from dicom_node.export.outbox import JobExportOutcome, Outbox, database_path
+from dicom_node.export.seg_writer import write_seg
 from dicom_node.file_mode import render_config_path
-from dicom_node.frames import read_headers
-from dicom_node.outbox import JobExportOutcome, Outbox, database_path
-from dicom_node.predecode import PreDecoder
-from dicom_node.reconstruct import reconstruct_headers
-from dicom_node.seg_writer import write_seg
-from dicom_node.selection import select_headers
+from dicom_node.inference_runtime import open_backend
+from dicom_node.jobs import FailureStage, Job, JobOutcome, JobState, log_transition
+from dicom_node.series.headers import read_headers
+from dicom_node.series.predecode import PreDecoder
+from dicom_node.series.reconstruct import build_volume, plan_series
+from dicom_node.series.selection import select_headers
 from dicom_node.settings import Settings
-from dicom_node.types import CTVolume, InstanceRecord, Job, JobState, SegArtifact, SeriesManifest
-from dicom_node.worker import JobOutcome, TransitionLog
+from dicom_node.types import CTVolume, InstanceRecord, SegArtifact, SeriesManifest
 from inference.backend import Backend
 from inference.errors import BackendUnavailable, InferenceError
 from inference.pipeline import segment
 from inference.spec import InferenceSpec, load_spec
 from inference.writers import write_label, write_publish
 
-LOG = logging.getLogger("dicom_node.processing")
+log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[Settings, InferenceSpec, "str | None"], AbstractContextManager[Backend]]
 
@@ -60,14 +61,6 @@ class JobTimings:
             yield
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
-
-
-def _default_backend_factory(
-    settings: Settings, spec: InferenceSpec, backend: str | None
-) -> AbstractContextManager[Backend]:
-    from dicom_node.inference_runtime import open_backend
-
-    return open_backend(settings, spec, backend)
 
 
 class BackendHolder:
@@ -98,7 +91,7 @@ class BackendHolder:
         try:
             self.get()
         except InferenceError as exc:
-            LOG.warning("inference backend not ready: %s", exc)
+            log.warning("inference backend not ready: %s", exc)
 
     def get(self) -> Backend:
         with self._lock:
@@ -112,7 +105,7 @@ class BackendHolder:
                 self._error, self._failed_at = exc, time.monotonic()
                 raise
             self._error = None
-            LOG.info("inference backend ready: %s", self._backend.name)
+            log.info("inference backend ready: %s", self._backend.name)
             return self._backend
 
     def invalidate(self, backend: Backend, reason: str) -> None:
@@ -121,13 +114,13 @@ class BackendHolder:
         with self._lock:
             if self._backend is not backend:
                 return  # another job already replaced it
-            LOG.warning("inference backend %s dropped, reopening on the next job: %s", backend.name, reason)
+            log.warning("inference backend %s dropped, reopening on the next job: %s", backend.name, reason)
             self._backend = None
             stack, self._stack = self._stack, ExitStack()
         try:
             stack.close()
         except Exception:  # closing a dead connection or server may fail; the new one must not inherit it
-            LOG.exception("closing the failed inference backend")
+            log.exception("closing the failed inference backend")
 
     def close(self) -> None:
         with self._lock:
@@ -142,7 +135,7 @@ class SeriesProcessor:
         self.settings = settings
         self.db = db
         self.spec = load_spec(settings.inference.config)
-        self.backend = BackendHolder(settings, self.spec, backend_factory or _default_backend_factory)
+        self.backend = BackendHolder(settings, self.spec, backend_factory or open_backend)
         self.results_dir = settings.storage.dir / "results"
         self.outbox = Outbox(
             database_path(settings),
@@ -190,49 +183,54 @@ class SeriesProcessor:
         verdict = select_headers(series, headers, self.settings.selection)
         if not verdict.selected:
             return JobOutcome.skipped(str(verdict.reason))
+        with timings.stage("plan"):
+            plan = plan_series(
+                series, list(zip(manifest.instances, headers, strict=True)), self.settings.reconstruction
+            )
+        if not plan.frame_of_reference_uid:  # the SEG needs it: refuse before decoding and inference, not after
+            return JobOutcome.failed(
+                f"series {series}: no FrameOfReferenceUID (0020,0052): a SEG cannot be placed on it", FailureStage.INPUT
+            )
         parts: dict[str, float] = {}
-        volume = reconstruct_headers(
-            manifest.study_instance_uid,
-            series,
-            list(zip(manifest.instances, headers, strict=True)),
-            self.settings.reconstruction,
-            timings=parts,
-            predecoded=self.predecoder,
-        )
+        volume = build_volume(
+            manifest.study_instance_uid, series, plan, self.settings.reconstruction,
+            timings=parts, predecoded=self.predecoder,
+        )  # fmt: skip
         if self.predecoder is not None:  # the volume holds them now: free the memory before inference
             self.predecoder.discard(manifest.instances)
         timings.stages["decode"] = parts["decode"]
         timings.stages["predecoded_instances"] = parts["predecoded"]
-        timings.stages["reconstruct"] = parts["plan"] + parts["assemble"]
+        timings.stages["reconstruct"] = timings.stages.pop("plan") + parts["assemble"]
         try:
             backend = self.backend.get()
         except BackendUnavailable as exc:
-            return JobOutcome.failed(f"inference backend unavailable: {exc}", retryable=True)
+            return JobOutcome.failed(f"inference backend unavailable: {exc}", FailureStage.INFERENCE, retryable=True)
         except InferenceError as exc:
-            return JobOutcome.failed(f"inference backend unusable: {exc}", retryable=False)
+            return JobOutcome.failed(f"inference backend unusable: {exc}", FailureStage.INFERENCE)
         try:
             result = segment(volume.image, self.spec, backend)
         except BackendUnavailable as exc:
             self.backend.invalidate(backend, str(exc))
-            return JobOutcome.failed(f"inference failed: {exc}", retryable=True)
+            return JobOutcome.failed(f"inference failed: {exc}", FailureStage.INFERENCE, retryable=True)
         except InferenceError as exc:
-            raise Rejected(f"series {series}: inference failed: {exc}") from exc
+            return JobOutcome.failed(f"series {series}: inference failed: {exc}", FailureStage.INFERENCE)
         for name, seconds in result.timings.items():
             timings.stages[f"inference.{name}"] = seconds
 
         out_dir = self.results_dir / f"job-{job.id}"
-        header_map = {rec.path: ds for rec, ds in zip(manifest.instances, headers, strict=True)}
-        with timings.stage("seg_encode"):
-            artifact = write_seg(
-                volume,
-                result.label,
-                segments=self.spec.segments,
-                algorithm_name=self.spec.model.name,
-                algorithm_version=self.spec.model.version,
-                seg=self.settings.seg,
-                out_path=out_dir / "seg.dcm",
-                headers=header_map,
-            )
+        try:
+            with timings.stage("seg_encode"):
+                artifact = write_seg(
+                    volume,
+                    result.label,
+                    segments=self.spec.segments,
+                    algorithm_name=self.spec.model.name,
+                    algorithm_version=self.spec.model.version,
+                    seg=self.settings.seg,
+                    out_path=out_dir / "seg.dcm",
+                )
+        except Rejected as exc:
+            return JobOutcome.failed(str(exc), FailureStage.OUTPUT)
         with timings.stage("publish"):
             self._publish(job, volume, result.label)
         self._log_result(job, volume, artifact, timings)
@@ -265,7 +263,7 @@ class SeriesProcessor:
 
     def _log_result(self, job: Job, volume: CTVolume, artifact: SegArtifact, timings: JobTimings) -> None:
         size = volume.image.GetSize()
-        LOG.info(
+        log.info(
             f"job {job.id}: SEG {artifact.sop_instance_uid} ({artifact.segment_voxels} voxels) for series "
             f"{volume.series_instance_uid} ({size[0]}x{size[1]}x{size[2]})"
             + (f"; {'; '.join(volume.resampled)}" if volume.resampled else ""),
@@ -297,12 +295,7 @@ class SeriesProcessor:
             to = JobState.DONE
         else:
             reason = f"export failed: {outcome.reason}"
-            moved = self.db.transition(job_id, JobState.FAILED, reason, expect=expect[:2])
+            moved = self.db.transition(job_id, JobState.FAILED, reason, expect=expect[:2], stage=FailureStage.EXPORT)
             to = JobState.FAILED
         if moved:
-            TransitionLog.log(job, to, reason, logging.INFO if to is JobState.DONE else logging.WARNING)
-
-
-def build_processor(settings: Settings, db: Database) -> SeriesProcessor:
-    """Called by the daemon at start (``dicom_node.daemon.build_processor``); a bad model spec fails the start."""
-    return SeriesProcessor(settings, db)
+            log_transition(job, to, reason, logging.INFO if to is JobState.DONE else logging.WARNING)

@@ -149,6 +149,26 @@ class InferenceSection(_Section):
     onnxruntime: OnnxRuntimeSection = OnnxRuntimeSection()
 
 
+class BackoffPolicy(_Section):
+    """How long to wait before trying again: ``initial_s`` after the first failure, doubling up to ``max_s``.
+
+    The one retry schedule of the node: jobs (``workers.backoff``) and exports (``export.backoff``) use it.
+    """
+
+    initial_s: float = Field(gt=0)
+    max_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> BackoffPolicy:
+        if self.max_s < self.initial_s:
+            raise ValueError("max_s must be >= initial_s")
+        return self
+
+    def delay(self, failures: int) -> float:
+        """Seconds before the next try after ``failures`` failed ones: initial * 2^(failures-1), capped."""
+        return float(min(self.max_s, self.initial_s * (2 ** max(0, failures - 1))))
+
+
 class WorkersSection(_Section):
     """The job queue's worker pool."""
 
@@ -156,6 +176,8 @@ class WorkersSection(_Section):
     max_attempts: int = Field(3, ge=1, le=100)
     lease_seconds: float = Field(1800.0, gt=0)
     """A claimed job whose worker vanished (crash) goes back to the queue after this long."""
+    backoff: BackoffPolicy = BackoffPolicy(initial_s=10.0, max_s=600.0)
+    """Wait before a retryable failure of a job runs again."""
 
 
 class Destination(_Section):
@@ -172,8 +194,8 @@ class ExportSection(_Section):
     """The persistent outbox: each (SEG, destination) pair is retried on its own."""
 
     max_attempts: int = Field(8, ge=1, le=1000)
-    backoff_initial_s: float = Field(5.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
+    backoff: BackoffPolicy = BackoffPolicy(initial_s=5.0, max_s=300.0)
+    """Wait before a failed send to one destination is tried again."""
     timeout_s: float = Field(60.0, gt=0)
     workers: int = Field(2, ge=1, le=32)
 
@@ -230,12 +252,6 @@ class Settings(_Section):
                 raise ValueError(f"destination {dest.ae_title}@{dest.host}:{dest.port} is listed twice")
             seen.add(key)
         return value
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> Settings:
-        if self.export.backoff_max_s < self.export.backoff_initial_s:
-            raise ValueError("export.backoff_max_s must be >= export.backoff_initial_s")
-        return self
 
     def resolve_paths(self, base: Path) -> Settings:
         """Return a copy whose relative paths are anchored at ``base``."""

@@ -1,8 +1,8 @@
 """Small typed records that cross stage boundaries. No I/O here.
 
 receive -> ``InstanceRecord`` -> series tracking -> ``SeriesManifest`` -> reconstruction -> ``CTVolume``
--> inference (label image) -> SEG writer -> ``SegArtifact`` -> outbox -> ``SendResult``; a ``Job`` row tracks
-which stage a series run is in.
+-> inference (label image) -> SEG writer -> ``SegArtifact`` -> outbox -> ``SendResult``; a ``Job`` row
+(:mod:`dicom_node.jobs`) tracks which stage a series run is in.
 """
 
 from __future__ import annotations
@@ -12,40 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import SimpleITK as sitk
-
-
-class JobState(StrEnum):
-    """Life of one run of one series. Terminal states: DONE, SKIPPED, FAILED."""
-
-    RECEIVED = "received"
-    COMPLETE = "complete"
-    QUEUED = "queued"
-    INFERRING = "inferring"
-    EXPORTING = "exporting"
-    DONE = "done"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.DONE, JobState.SKIPPED, JobState.FAILED)
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One run of one series in the persistent queue (a row of the ``jobs`` table)."""
-
-    id: int
-    study_instance_uid: str
-    series_instance_uid: str
-    run: int
-    state: JobState
-    attempts: int
-    reason: str | None
-    created_at: float
-    updated_at: float
-    lease_expires_at: float | None = None
-    """While INFERRING: when the claim lapses and the job goes back to the queue."""
+from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +45,49 @@ class SeriesManifest:
 
 
 @dataclass(frozen=True, slots=True)
+class FramePlane:
+    """Where one frame's pixels lie in patient space (LPS mm), as its header states it.
+
+    The plane maths on it (directions, normals, sampling) is :mod:`dicom_node.series.geometry`'s.
+    """
+
+    position: tuple[float, float, float]
+    """ImagePositionPatient: the centre of the first (top left) pixel."""
+    orientation: tuple[float, float, float, float, float, float]
+    """ImageOrientationPatient: row direction (column index increases), then column direction."""
+    pixel_spacing: tuple[float, float]
+    """DICOM order: (row spacing = dy between rows, column spacing = dx between columns), mm."""
+    rows: int
+    columns: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    """What the receive path records of an instance's header (never the pixels); None where it is absent."""
+
+    modality: str | None = None
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+    position: tuple[float, float, float] | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SourceInstance:
-    """A source image the SEG must reference, in the order of the reconstructed volume's slices."""
+    """A source frame the SEG must reference, in the order of the reconstructed volume's slices.
+
+    It carries its plane and its instance's header (read once, before pixel data), so the output writers need
+    neither to read the sources again nor to recompute where each frame lies.
+    """
 
     sop_class_uid: str
     sop_instance_uid: str
     path: Path
-    frame_number: int | None = None
+    frame_number: int | None
     """1-based frame for a multi-frame (Enhanced CT) source; None for single-frame instances."""
+    plane: FramePlane
+    header: Dataset = field(compare=False, repr=False)
+    """The instance's header (no pixel data), shared by the frames of one multi-frame instance."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The job queue's worker pool, and the interface of whatever processes a job.
+"""The job queue's worker pool, and the contract of whatever processes a job.
 
 A worker claims the oldest due QUEUED job (QUEUED -> INFERRING, lease set, attempt counted *before* the run, one
 transaction), hands it with its manifest to the :class:`JobProcessor`, and records the :class:`JobOutcome` as
@@ -7,8 +7,9 @@ one transition:
 * ``done``                 -> DONE
 * ``exporting``            -> EXPORTING (the outbox moves it to DONE / FAILED when the sends finish)
 * ``skipped(reason)``      -> SKIPPED with the reason (selection said no; inputs kept)
-* ``failed(reason, retryable=True)`` -> QUEUED again after a back-off while attempts < workers.max_attempts,
-  else FAILED; ``retryable=False`` -> FAILED at once. Inputs are never deleted, so ``dicom-node retry`` works.
+* ``failed(reason, stage, retryable=True)`` -> QUEUED again after ``workers.backoff`` while attempts <
+  workers.max_attempts, else FAILED; ``retryable=False`` -> FAILED at once, with the stage that failed recorded.
+  Inputs are never deleted, so ``dicom-node retry`` works.
 
 An exception escaping the processor counts as ``failed(retryable=False)`` for ``Rejected`` and retryable for
 anything else (``Transient``, bugs). The lease is renewed while the processor runs; a worker that vanishes
@@ -20,67 +21,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 from dicom_node.db import Database
 from dicom_node.errors import Rejected
+from dicom_node.jobs import FailureStage, Job, JobOutcome, JobState, log_transition
 from dicom_node.settings import Settings
-from dicom_node.types import Job, JobState, SeriesManifest
+from dicom_node.types import InstanceRecord, SeriesManifest
 
-LOG = logging.getLogger("dicom_node.jobs")
-
-
-@dataclass(frozen=True, slots=True)
-class JobOutcome:
-    """What a processor made of a job. Build with the class methods."""
-
-    state: JobState
-    """DONE, EXPORTING, SKIPPED or FAILED."""
-    reason: str | None = None
-    retryable: bool = False
-
-    @classmethod
-    def done(cls, reason: str | None = None) -> JobOutcome:
-        return cls(JobState.DONE, reason)
-
-    @classmethod
-    def exporting(cls, reason: str | None = None) -> JobOutcome:
-        return cls(JobState.EXPORTING, reason)
-
-    @classmethod
-    def skipped(cls, reason: str) -> JobOutcome:
-        return cls(JobState.SKIPPED, reason)
-
-    @classmethod
-    def failed(cls, reason: str, retryable: bool = False) -> JobOutcome:
-        return cls(JobState.FAILED, reason, retryable)
+log = logging.getLogger(__name__)
 
 
 class JobProcessor(Protocol):
-    """Turns one claimed job into an outcome. Called from worker threads (one job per call, several at once)."""
+    """What the node runs jobs with: the whole contract, no optional parts.
+
+    ``start`` / ``stop`` bracket the node's life (open the model backend, the outbox; close them);
+    ``on_stored`` is called by the SCP for each instance once it is durable (it must only queue work, never do it
+    in the association's thread); ``process`` turns one claimed job into an outcome, from worker threads (one job
+    per call, several at once).
+    """
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def on_stored(self, record: InstanceRecord) -> None: ...
 
     def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome: ...
-
-
-class TransitionLog:
-    """One log line per job transition, with the job's fields."""
-
-    @staticmethod
-    def log(job: Job, to: JobState, reason: str | None, level: int = logging.INFO) -> None:
-        LOG.log(
-            level,
-            f"job {job.id} -> {to.value}" + (f": {reason}" if reason else ""),
-            extra={
-                "job_id": job.id, "state": to.value, "series_uid": job.series_instance_uid,
-                "study_uid": job.study_instance_uid, "run": job.run, "attempts": job.attempts, "reason": reason,
-            },
-        )  # fmt: skip
-
-
-def backoff_seconds(attempt: int) -> float:
-    """Wait before a retryable failure runs again: 10 s, 20 s, 40 s, ... at most 10 min."""
-    return float(min(600, 10 * 2 ** max(0, attempt - 1)))
 
 
 class WorkerPool:
@@ -96,11 +63,29 @@ class WorkerPool:
         self._busy = 0
         self._busy_lock = threading.Lock()
 
+    LEASE_CHECK_S = 5.0
+    """How often lapsed leases (a worker that vanished) are looked for."""
+
     def start(self) -> None:
         for i in range(self.settings.workers.count):
             t = threading.Thread(target=self._run, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        t = threading.Thread(target=self._watch_leases, name="job-leases", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _watch_leases(self) -> None:
+        """Put jobs whose lease lapsed back in the queue (or fail them past workers.max_attempts)."""
+        while not self._stop.wait(self.LEASE_CHECK_S):
+            try:
+                moved = self.db.requeue_expired(max_attempts=self.settings.workers.max_attempts)
+            except Exception:
+                log.exception("cannot re-queue jobs whose lease lapsed")
+                continue
+            if moved:
+                log.warning("leases expired; jobs re-queued", extra={"jobs": moved})
+                self.wake()
 
     def wake(self) -> None:
         """Look at the queue now (a job was queued)."""
@@ -126,7 +111,7 @@ class WorkerPool:
             try:
                 ran = self.run_one()
             except Exception:
-                LOG.exception("worker error")
+                log.exception("worker error")
                 ran = False
             if not ran:
                 self._wake.wait(poll)
@@ -140,7 +125,7 @@ class WorkerPool:
             return False
         with self._busy_lock:
             self._busy += 1
-        TransitionLog.log(job, JobState.INFERRING, f"attempt {job.attempts}")
+        log_transition(job, JobState.INFERRING, f"attempt {job.attempts}")
         renew_stop = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(job.id, renew_stop), daemon=True)
         renewer.start()
@@ -159,38 +144,39 @@ class WorkerPool:
             try:
                 self.db.renew_lease(job_id, lease)
             except Exception:
-                LOG.exception("cannot renew lease", extra={"job_id": job_id})
+                log.exception("cannot renew lease", extra={"job_id": job_id})
 
     def _process(self, job: Job) -> JobOutcome:
         try:
             manifest = self.db.manifest(job)
             if not manifest.instances:
-                return JobOutcome.failed("no stored instance belongs to this series")
+                return JobOutcome.failed("no stored instance belongs to this series", FailureStage.INPUT)
             return self.processor.process(job, manifest)
         except Rejected as exc:
-            return JobOutcome.failed(str(exc), retryable=False)
+            return JobOutcome.failed(str(exc), FailureStage.INPUT)
         except Exception as exc:
-            LOG.exception("job processor raised", extra={"job_id": job.id})
-            return JobOutcome.failed(f"{type(exc).__name__}: {exc}", retryable=True)
+            log.exception("job processor raised", extra={"job_id": job.id})
+            return JobOutcome.failed(f"{type(exc).__name__}: {exc}", FailureStage.INTERNAL, retryable=True)
 
     def record(self, job: Job, outcome: JobOutcome) -> None:
+        """The outcome as one transition of the job (a retryable failure back to the queue after a backoff)."""
         wk = self.settings.workers
         expect = [JobState.INFERRING]
         if outcome.state is JobState.FAILED and outcome.retryable and job.attempts < wk.max_attempts:
-            wait = backoff_seconds(job.attempts)
+            wait = wk.backoff.delay(job.attempts)
             msg = f"attempt {job.attempts} failed, retry in {wait:g} s: {outcome.reason}"
             self.db.transition(job.id, JobState.QUEUED, msg, expect=expect, not_before=time.time() + wait)
-            TransitionLog.log(job, JobState.QUEUED, msg, logging.WARNING)
+            log_transition(job, JobState.QUEUED, msg, logging.WARNING)
             return
         reason: str | None = outcome.reason
         if outcome.state is JobState.FAILED and outcome.retryable:
             reason = f"failed after {job.attempts} attempts: {outcome.reason}"
-        if not self.db.transition(job.id, outcome.state, reason, expect=expect):
+        if not self.db.transition(job.id, outcome.state, reason, expect=expect, stage=outcome.stage):
             now = self.db.job(job.id)
             if outcome.state is JobState.EXPORTING and now is not None and now.state.terminal:
                 return  # the outbox settled the export before this outcome was recorded
-            LOG.warning(f"job {job.id}: state changed while it ran; outcome {outcome.state.value} not recorded",
+            log.warning(f"job {job.id}: state changed while it ran; outcome {outcome.state.value} not recorded",
                         extra={"job_id": job.id})  # fmt: skip
             return
         level = logging.WARNING if outcome.state in (JobState.FAILED, JobState.SKIPPED) else logging.INFO
-        TransitionLog.log(job, outcome.state, reason, level)
+        log_transition(job, outcome.state, reason, level)

@@ -73,17 +73,17 @@ class OnnxRuntimeBackend:
             raise ModelMismatch(
                 f"{where}: model has no output {model.output.name!r} (it has {', '.join(sorted(outputs)) or 'none'})"
             )
-        for role, arg, tensor in (("input", inputs[model.input.name], model.input),
-                                  ("output", outputs[model.output.name], model.output)):
+        for role, arg, tensor in (
+            ("input", inputs[model.input.name], model.input),
+            ("output", outputs[model.output.name], model.output),
+        ):
             if len(arg.shape) != 5:
                 raise ModelMismatch(
                     f"{where}: {role} {arg.name!r} has rank {len(arg.shape)} (shape {arg.shape}), "
                     f"the spec's layout {tensor.layout} needs rank 5"
                 )
             if arg.type != _ORT_TYPES[tensor.datatype]:
-                raise ModelMismatch(
-                    f"{where}: {role} {arg.name!r} is {arg.type}, the spec says {tensor.datatype}"
-                )
+                raise ModelMismatch(f"{where}: {role} {arg.name!r} is {arg.type}, the spec says {tensor.datatype}")
         in_channels = inputs[model.input.name].shape[1]
         if isinstance(in_channels, int) and in_channels != 1:
             raise ModelMismatch(f"{where}: input {model.input.name!r} has {in_channels} channels, expected 1 (CT)")

@@ -179,6 +179,7 @@ def _count_windows(size_xyz: tuple[int, ...], spec: InferenceSpec) -> int:
     from inference.sliding_window import scan_interval, window_starts
 
     padded = [max(n, r) for n, r in zip(size_xyz, spec.inferer.roi_size, strict=True)]
-    starts = window_starts(padded, spec.inferer.roi_size, scan_interval(padded, spec.inferer.roi_size,
-                                                                         spec.inferer.overlap))
+    starts = window_starts(
+        padded, spec.inferer.roi_size, scan_interval(padded, spec.inferer.roi_size, spec.inferer.overlap)
+    )
     return math.prod(len(s) for s in starts)

@@ -107,9 +107,7 @@ def window_starts(image_size: Sequence[int], roi_size: Sequence[int], interval: 
     return starts
 
 
-def window_slices(
-    image_size: Sequence[int], roi_size: Sequence[int], overlap: float
-) -> list[tuple[slice, ...]]:
+def window_slices(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
     """Every window of ``roi_size`` over ``image_size`` (roi <= image), in MONAI's order (last axis fastest)."""
     starts = window_starts(image_size, roi_size, scan_interval(image_size, roi_size, overlap))
     grids = np.meshgrid(*[np.asarray(s) for s in starts], indexing="ij")
@@ -135,9 +133,7 @@ def importance_map(roi_size: Sequence[int], mode: str, sigma_scale: float | Sequ
     return np.maximum(weights, np.float32(floor)).astype(np.float32, copy=False)
 
 
-def _pad(
-    image: FloatArray, roi_size: Sequence[int], value: float
-) -> tuple[FloatArray, tuple[slice, ...] | None]:
+def _pad(image: FloatArray, roi_size: Sequence[int], value: float) -> tuple[FloatArray, tuple[slice, ...] | None]:
     spatial = image.shape[1:]
     diffs = [max(r - n, 0) for n, r in zip(spatial, roi_size, strict=True)]
     if not any(diffs):

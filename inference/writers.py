@@ -9,16 +9,15 @@ floats are written with Python's shortest round-trip repr, so spacing, origin an
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from inference.atomic import atomic_path
 from inference.errors import InferenceError
 
 _MET_TYPES = {
@@ -37,19 +36,10 @@ class OutputError(InferenceError):
     """An output file or folder cannot be written."""
 
 
-@contextmanager
-def _atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it onto ``final`` on success, remove it on failure."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by other users (a renderer)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _atomic_path(final: Path) -> AbstractContextManager[Path]:
+    """The project's atomic write, without fsync: these outputs are derived and can be written again, so they are
+    not worth a flush each (the spool and the SEG, which the node acknowledges or sends, are flushed)."""
+    return atomic_path(final, fsync=False)
 
 
 def _ensure_dir(folder: Path) -> None:

@@ -109,7 +109,7 @@ class SCU:
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 30
         self.ae.network_timeout = 30
-        from dicom_node.scp import TRANSFER_SYNTAXES
+        from dicom_node.receive.scp import TRANSFER_SYNTAXES
 
         for ts in transfer_syntaxes or TRANSFER_SYNTAXES:  # one context per syntax: the SCP picks one per context
             self.ae.add_requested_context(CTImageStorage, ts)

@@ -12,9 +12,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.types import CTVolume, SourceInstance
+from dicom_node.series.headers import source_frames
+from dicom_node.types import CTVolume
 from tests.factories import WrittenSeries
 
 DCIODVFY = "/usr/bin/dciodvfy"
@@ -45,7 +46,7 @@ def volume_of_series(ws: WrittenSeries) -> CTVolume:
         study_instance_uid=ws.study_instance_uid,
         series_instance_uid=ws.series_instance_uid,
         frame_of_reference_uid=ws.frame_of_reference_uid,
-        sources=tuple(SourceInstance(CTImageStorage, p.stem, p) for p in files),
+        sources=tuple(s for p in files for s in source_frames(pydicom.dcmread(p, stop_before_pixels=True), p)),
     )
 
 

@@ -21,8 +21,8 @@ from pydicom.uid import JPEGLosslessSV1
 
 from dicom_node.daemon import Node
 from dicom_node.file_mode import run_file_mode
+from dicom_node.jobs import JobState
 from dicom_node.settings import Settings
-from dicom_node.types import JobState
 from tests import factories
 from tests.dicom_peers import Orthanc, orthanc_binary, storescp
 from tests.dimse import free_port, node_config, settings_for, storescu, wait_for, wait_port
@@ -56,7 +56,7 @@ def file_mode_label(
 
 def _node(tmp_path: Path, model_repository: Path, destinations: list[dict[str, Any]], **sections: Any) -> Node:
     inference = {"model_repository": str(model_repository), **sections.pop("inference", {})}
-    export = {"backoff_initial_s": 1.0, "backoff_max_s": 5.0, **sections.pop("export", {})}
+    export = {"backoff": {"initial_s": 1.0, "max_s": 5.0}, **sections.pop("export", {})}
     settings = settings_for(
         tmp_path / "var",
         free_port(),
@@ -307,7 +307,9 @@ def test_failed_export_resent_by_retry_command(
     inference) and the running node delivers it."""
     pacs_port = free_port()
     dest = [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port}]
-    node = _node(tmp_path, model_repository, dest, export={"max_attempts": 1, "backoff_initial_s": 1.0})
+    node = _node(
+        tmp_path, model_repository, dest, export={"max_attempts": 1, "backoff": {"initial_s": 1.0, "max_s": 5.0}}
+    )
     node.start()
     try:
         assert storescu(node.port, short_series.files).returncode == 0

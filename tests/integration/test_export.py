@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.outbox import JobExportOutcome, Outbox, list_exports, retry_failed_for_job
-from dicom_node.scu import send
-from dicom_node.seg_writer import write_seg
-from dicom_node.settings import Destination, ExportSection, SegSection, Settings, StorageSection
+from dicom_node.export.outbox import JobExportOutcome, Outbox, list_exports, retry_failed_for_job
+from dicom_node.export.scu import send
+from dicom_node.export.seg_writer import write_seg
+from dicom_node.settings import BackoffPolicy, Destination, ExportSection, SegSection, Settings, StorageSection
 from dicom_node.types import SegArtifact, SendStatus
 from inference.spec import SegmentSpec
 from tests.dicom_peers import Orthanc, StatusSCP, StoreSCP, free_port, orthanc_binary, storescp, storescu
@@ -25,7 +25,7 @@ from tests.seg_helpers import dciodvfy_errors, have_dciodvfy, volume_of_series
 
 pytestmark = pytest.mark.integration
 
-FAST = ExportSection(max_attempts=3, backoff_initial_s=0.2, backoff_max_s=0.5, timeout_s=10, workers=2)
+FAST = ExportSection(max_attempts=3, backoff=BackoffPolicy(initial_s=0.2, max_s=0.5), timeout_s=10, workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_warning_status_is_recorded_as_warning(series_and_seg, tmp_path: Path) -
 def test_down_destination_does_not_block_another(series_and_seg, tmp_path: Path) -> None:
     """One destination swallows nothing (refused), one is up: the up one is delivered at once."""
     _, art = series_and_seg
-    export = ExportSection(max_attempts=50, backoff_initial_s=0.2, backoff_max_s=0.5, timeout_s=10, workers=1)
+    export = ExportSection(max_attempts=50, backoff=BackoffPolicy(initial_s=0.2, max_s=0.5), timeout_s=10, workers=1)
     with storescp(tmp_path / "up") as up:
         box = _outbox(tmp_path, export, [_dest(free_port(), "DOWN"), _dest(up.port)], None)
         with box:
@@ -196,7 +196,7 @@ def test_max_attempts_then_retry_delivers(series_and_seg, tmp_path: Path) -> Non
 def test_restart_while_pending_delivers_after_restart(series_and_seg, tmp_path: Path) -> None:
     _, art = series_and_seg
     port = free_port()
-    slow = ExportSection(max_attempts=10, backoff_initial_s=60, backoff_max_s=60, timeout_s=10, workers=2)
+    slow = ExportSection(max_attempts=10, backoff=BackoffPolicy(initial_s=60, max_s=60), timeout_s=10, workers=2)
     first = _outbox(tmp_path, slow, [_dest(port)], None)
     with first:
         first.enqueue(9, art)
@@ -226,7 +226,7 @@ def test_restart_while_pending_delivers_after_restart(series_and_seg, tmp_path: 
 def test_destination_down_two_minutes_then_up_delivered_once(series_and_seg, tmp_path: Path) -> None:
     _, art = series_and_seg
     port = free_port()
-    export = ExportSection(max_attempts=40, backoff_initial_s=5, backoff_max_s=10, timeout_s=10, workers=2)
+    export = ExportSection(max_attempts=40, backoff=BackoffPolicy(initial_s=5, max_s=10), timeout_s=10, workers=2)
     settled = Settled()
     scp = StoreSCP(port, tmp_path / "in")
     with _outbox(tmp_path, export, [_dest(port)], settled) as box:

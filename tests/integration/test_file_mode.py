@@ -45,8 +45,13 @@ def nifti_run(
     (tmp / "in").mkdir()
     sitk.WriteImage(lung1, str(tmp / "in" / "lung1.nii.gz"))
     proc = _infer(
-        _settings(tmp, repo_root, model_repository), tmp / "in", tmp / "out",
-        "--publish", str(tmp / "pub"), "--backend", "onnxruntime",
+        _settings(tmp, repo_root, model_repository),
+        tmp / "in",
+        tmp / "out",
+        "--publish",
+        str(tmp / "pub"),
+        "--backend",
+        "onnxruntime",
     )
     return tmp, proc
 
@@ -70,7 +75,11 @@ def test_nifti_in_mhd_out_with_publish(nifti_run: tuple[Path, subprocess.Complet
     assert values <= {0, 1}
     pub = tmp / "pub"
     assert sorted(p.name for p in pub.iterdir()) == [
-        "config.meta", "config_render.json", "lung1.nii.gz", "lung1.output.mhd", "lung1.output.raw",
+        "config.meta",
+        "config_render.json",
+        "lung1.nii.gz",
+        "lung1.output.mhd",
+        "lung1.output.raw",
     ]
     assert json.loads((pub / "config.meta").read_text()) == {
         "density": "lung1.nii.gz",
@@ -157,8 +166,7 @@ def test_two_volumes(tmp_path: Path, settings_file: Path) -> None:
 def test_unreadable_file(tmp_path: Path, settings_file: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "scan.nii.gz").write_bytes(b"\x1f\x8b garbage")
-    _error(_infer(settings_file, tmp_path / "in", tmp_path / "out"), str(tmp_path / "in" / "scan.nii.gz"),
-           "unreadable")
+    _error(_infer(settings_file, tmp_path / "in", tmp_path / "out"), str(tmp_path / "in" / "scan.nii.gz"), "unreadable")
 
 
 def test_2d_image(tmp_path: Path, settings_file: Path) -> None:
@@ -172,8 +180,9 @@ def test_model_missing(tmp_path: Path, repo_root: Path) -> None:
     empty_repo.mkdir()
     (tmp_path / "in").mkdir()
     sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkInt16), str(tmp_path / "in" / "v.nii.gz"))
-    proc = _infer(_settings(tmp_path, repo_root, empty_repo), tmp_path / "in", tmp_path / "out",
-                  "--backend", "onnxruntime")
+    proc = _infer(
+        _settings(tmp_path, repo_root, empty_repo), tmp_path / "in", tmp_path / "out", "--backend", "onnxruntime"
+    )
     _error(proc, str(empty_repo / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx"), "not found")
     assert not (tmp_path / "out").exists()
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import sqlite3
@@ -21,8 +20,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
-from dicom_node.daemon import DefaultProcessor, Node
-from dicom_node.types import JobState
+from dicom_node.daemon import Node
+from dicom_node.jobs import JobState
 from tests import factories
 from tests.dimse import (
     SCU,
@@ -35,9 +34,9 @@ from tests.dimse import (
     wait_port,
     write_config,
 )
+from tests.processors import ReconstructingProcessor
 
 pytestmark = pytest.mark.integration
-HAS_RECONSTRUCT = importlib.util.find_spec("dicom_node.reconstruct") is not None
 REPO = Path(__file__).resolve().parents[2]
 NODE_BIN = REPO / ".venv" / "bin" / "dicom-node"
 
@@ -54,7 +53,7 @@ def running_node(storage: Path, /, **sections: dict[str, Any]) -> Iterator[Node]
     settings = settings_for(storage, free_port(), **sections)
     # Reception tests stop at reconstruction: the production processor (inference, SEG) is tested end to end
     # in test_end_to_end.py.
-    node = Node(settings, processor=DefaultProcessor(settings))
+    node = Node(settings, processor=ReconstructingProcessor(settings))
     node.start()
     try:
         yield node
@@ -121,10 +120,9 @@ def test_lung1_jpeg_lossless_shuffled_becomes_one_job(tmp_path: Path, lung1_seri
         )
         a, b = pydicom.dcmread(src), pydicom.dcmread(stored)
         assert a.PixelData == b.PixelData and b.file_meta.TransferSyntaxUID == JPEGLosslessSV1
-        if HAS_RECONSTRUCT:
-            proc = node.processor
-            assert isinstance(proc, DefaultProcessor)
-            assert_volume_equal(proc.volumes[job.id], lung1_series.image)
+        proc = node.processor
+        assert isinstance(proc, ReconstructingProcessor)
+        assert_volume_equal(proc.volumes[job.id], lung1_series.image)
         assert echoscu(node.port)
 
 
@@ -139,14 +137,13 @@ def test_siemens_j2k_series_becomes_one_job(tmp_path: Path, shared_data: Path) -
         assert node.db is not None
         ts = {r["transfer_syntax_uid"] for r in node.db.query("SELECT transfer_syntax_uid FROM instances")}
         assert ts == {JPEG2000Lossless}
-        if HAS_RECONSTRUCT:
-            proc = node.processor
-            assert isinstance(proc, DefaultProcessor)
-            # The factory reads its files in name order; the volume is sorted along the slice normal, so compare
-            # with the files sorted by position (GDCM's series sort).
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "j2k")))
-            assert_volume_equal(proc.volumes[job.id], reader.Execute())
+        proc = node.processor
+        assert isinstance(proc, ReconstructingProcessor)
+        # The factory reads its files in name order; the volume is sorted along the slice normal, so compare
+        # with the files sorted by position (GDCM's series sort).
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "j2k")))
+        assert_volume_equal(proc.volumes[job.id], reader.Execute())
 
 
 # -- negative cases: each ends in a recorded reason, the node still serving ------------------------------------
@@ -295,7 +292,6 @@ def test_disk_nearly_full_answers_out_of_resources(tmp_path: Path, lung1_series:
         assert echoscu(node.port)
 
 
-@pytest.mark.skipif(not HAS_RECONSTRUCT, reason="dicom_node.reconstruct not present")
 def test_reconstruction_rejections_recorded_on_job(tmp_path: Path, shared_data: Path) -> None:
     with running_node(
         tmp_path / "var",

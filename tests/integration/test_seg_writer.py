@@ -14,9 +14,10 @@ import pytest
 import SimpleITK as sitk
 
 from dicom_node import __version__
-from dicom_node.seg_writer import GROUND_GLASS_OPACITY, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, write_seg
+from dicom_node.export.seg_writer import GROUND_GLASS_OPACITY, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, write_seg
+from dicom_node.series.headers import source_frames
 from dicom_node.settings import SegSection
-from dicom_node.types import CTVolume, SourceInstance
+from dicom_node.types import CTVolume
 from inference.spec import SegmentSpec
 from tests.factories import read_volume, tall_volume, write_ct_series
 from tests.seg_helpers import (
@@ -204,7 +205,7 @@ def test_tilted_series_maps_back_by_geometry(shared_data: Path, tmp_path: Path) 
     volume = CTVolume(
         image=grid, study_instance_uid=h0.StudyInstanceUID, series_instance_uid=h0.SeriesInstanceUID,
         frame_of_reference_uid=h0.FrameOfReferenceUID,
-        sources=tuple(SourceInstance(h.SOPClassUID, h.SOPInstanceUID, f) for h, f in headers_files),
+        sources=tuple(s for h, f in headers_files for s in source_frames(h, f)),
         resampled=("gantry tilt 18.5 deg", "uneven slice steps"),
     )  # fmt: skip
     art = _write(volume, label, tmp_path / "tilt.dcm", seg=SegSection(include_empty_frames=True))
@@ -251,7 +252,8 @@ def test_enhanced_ct_source_references_frames(shared_data: Path, tmp_path: Path)
     mask[0] = arr[0] > np.percentile(arr[0], 95)
     label = sitk.GetImageFromArray(mask)
     label.CopyInformation(grid)
-    sources = tuple(SourceInstance(ENHANCED_CT, ds.SOPInstanceUID, path, frame_number=i + 1) for i in order)
+    frames = source_frames(pydicom.dcmread(path, stop_before_pixels=True), path)
+    sources = tuple(frames[i] for i in order)
     volume = CTVolume(
         image=grid, study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
         frame_of_reference_uid=ds.FrameOfReferenceUID, sources=sources,

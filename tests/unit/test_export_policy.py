@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_node.outbox import backoff_s
-from dicom_node.scu import classify_status
-from dicom_node.settings import ExportSection
+from dicom_node.export.scu import classify_status
+from dicom_node.settings import BackoffPolicy, ExportSection
 from dicom_node.types import SendStatus
 
 
@@ -39,5 +38,5 @@ def test_classify_status(status: int, expected: SendStatus) -> None:
 
 
 def test_backoff_doubles_and_caps() -> None:
-    export = ExportSection(backoff_initial_s=5, backoff_max_s=60)
-    assert [backoff_s(export, n) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+    export = ExportSection(backoff=BackoffPolicy(initial_s=5, max_s=60))
+    assert [export.backoff.delay(n) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]

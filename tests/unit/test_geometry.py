@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dicom_node import geometry as g
+from dicom_node.series import geometry as g
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

@@ -75,8 +75,13 @@ def test_wrong_rank(tmp_path: Path, inference_spec: InferenceSpec) -> None:
     net = torch.nn.Conv2d(1, 2, 3, padding=1)
     path = tmp_path / "model2d.onnx"
     torch.onnx.export(
-        net, (torch.zeros(1, 1, 8, 8),), str(path), input_names=["NV_MODEL_INPUT"],
-        output_names=["NV_MODEL_OUTPUT"], opset_version=17, dynamo=False,
+        net,
+        (torch.zeros(1, 1, 8, 8),),
+        str(path),
+        input_names=["NV_MODEL_INPUT"],
+        output_names=["NV_MODEL_OUTPUT"],
+        opset_version=17,
+        dynamo=False,
     )
     with pytest.raises(ModelMismatch, match="rank 4"):
         OnnxRuntimeBackend(inference_spec, path).check()

@@ -97,8 +97,11 @@ def reference_labels(image: sitk.Image, spec: InferenceSpec, backend: TorchBacke
 def test_segment_equals_reference(layout: str, activation: str) -> None:
     channels = 2 if activation == "softmax" else 1
     spec = small_spec(
-        model__input__layout=layout, model__output__layout=layout, model__output__channels=channels,
-        post_transforms__activation=activation, post_transforms__threshold=0.53,
+        model__input__layout=layout,
+        model__output__layout=layout,
+        model__output__channels=channels,
+        post_transforms__activation=activation,
+        post_transforms__threshold=0.53,
     )
     image = ct_like(size=(70, 41, 30), direction=oblique_direction())
     backend = TorchBackend(channels)
@@ -164,9 +167,7 @@ def test_label_values_come_from_the_spec() -> None:
 
 
 def test_three_class_softmax_uses_argmax() -> None:
-    spec = small_spec(
-        model__output__channels=3, segments=[{"label": 1, "name": "a"}, {"label": 2, "name": "b"}]
-    )
+    spec = small_spec(model__output__channels=3, segments=[{"label": 1, "name": "a"}, {"label": 2, "name": "b"}])
     image = ct_like(size=(40, 30, 12))
     backend = TorchBackend(3)
     got = sitk.GetArrayFromImage(segment(image, spec, backend).label)

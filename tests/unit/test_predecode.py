@@ -13,8 +13,9 @@ import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
 from dicom_node.errors import Rejected
-from dicom_node.predecode import PreDecoder
-from dicom_node.reconstruct import Predecoded, predecode, reconstruct, reconstruct_headers
+from dicom_node.series.decode import Predecoded, predecode
+from dicom_node.series.predecode import PreDecoder
+from dicom_node.series.reconstruct import reconstruct, reconstruct_headers
 from dicom_node.settings import ReconstructionSection
 from dicom_node.types import InstanceRecord, SeriesManifest
 from tests.factories import DCMCJPEG, WrittenSeries, read_volume, write_ct_series
@@ -36,7 +37,7 @@ def series(lung1: sitk.Image, tmp_path: Path) -> WrittenSeries:
 
 
 def _reconstruct(manifest: SeriesManifest, cache: PreDecoder | None) -> tuple[np.ndarray, dict[str, float]]:
-    from dicom_node.frames import read_headers
+    from dicom_node.series.headers import read_headers
 
     parts: dict[str, float] = {}
     volume = reconstruct_headers(

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.completion import CompletionStats, decide
-from dicom_node.db import Database, HeaderFacts
+from dicom_node.db import Database
+from dicom_node.jobs import JobState
+from dicom_node.receive.completion import CompletionStats, decide
+from dicom_node.receive.spool import Spool, uid_key
+from dicom_node.series.headers import is_acceptable_uid
 from dicom_node.settings import SeriesSection
-from dicom_node.spool import Spool, is_acceptable_uid, uid_key
-from dicom_node.types import InstanceRecord, JobState
+from dicom_node.types import HeaderFacts, InstanceRecord
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

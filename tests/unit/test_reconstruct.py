@@ -19,7 +19,8 @@ from pydicom.uid import (
 )
 
 from dicom_node.errors import Rejected
-from dicom_node.reconstruct import read_dicom_folder, reconstruct
+from dicom_node.file_mode import read_dicom_folder
+from dicom_node.series.reconstruct import reconstruct
 from dicom_node.settings import ReconstructionSection
 from dicom_node.types import CTVolume, InstanceRecord, SeriesManifest
 from tests.factories import DCMCJPEG, WrittenSeries, copy_files, fill_missing_uids, read_volume, write_ct_series

@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import Rejected
-from dicom_node.selection import select_headers, select_series
+from dicom_node.series.selection import select_headers, select_series
 from dicom_node.settings import SelectionSection
 from dicom_node.types import InstanceRecord, SeriesManifest
 from tests.factories import read_volume, write_ct_series

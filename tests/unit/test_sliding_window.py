@@ -63,7 +63,12 @@ def test_equals_monai(shape: tuple[int, int, int], mode: str, batch_size: int) -
     kw = {"overlap": 0.25, "mode": mode, "sigma_scale": 0.125}
     ref = _reference(image, net, roi_size=ROI, sw_batch_size=batch_size, cval=0.2, **kw)
     out = sliding_window_inference(
-        image, ROI, _predictor(net), batch_size=batch_size, padding_value=0.2, **kw  # type: ignore[arg-type]
+        image,
+        ROI,
+        _predictor(net),
+        batch_size=batch_size,
+        padding_value=0.2,
+        **kw,  # type: ignore[arg-type]
     )
     assert out.shape == ref.shape and out.dtype == np.float32
     assert _rel_err(out, ref) <= 1e-5

@@ -81,7 +81,12 @@ def test_publish_folder(tmp_path: Path, repo_root: Path) -> None:
         model_name="segmentation_ct_covid_lesion_v1",
     )
     assert sorted(p.name for p in pub.iterdir()) == [
-        "config.meta", "config_render.json", "ct.mhd", "ct.output.mhd", "ct.output.raw", "ct.raw",
+        "config.meta",
+        "config_render.json",
+        "ct.mhd",
+        "ct.output.mhd",
+        "ct.output.raw",
+        "ct.raw",
     ]
     assert json.loads(meta.read_text()) == {
         "density": "ct.mhd",
@@ -96,8 +101,13 @@ def test_publish_folder(tmp_path: Path, repo_root: Path) -> None:
 def test_publish_dicom_writes_the_density_volume(tmp_path: Path, repo_root: Path) -> None:
     vol = sitk.Image(13, 11, 7, sitk.sitkInt16)
     write_publish(
-        tmp_path, name="series", label=_label(), original_files=(), density_image=vol,
-        render_config=repo_root / "config" / "config_render.json", model_name="m",
+        tmp_path,
+        name="series",
+        label=_label(),
+        original_files=(),
+        density_image=vol,
+        render_config=repo_root / "config" / "config_render.json",
+        model_name="m",
     )
     assert json.loads((tmp_path / "config.meta").read_text())["density"] == "series.mhd"
     assert sitk.ReadImage(str(tmp_path / "series.mhd")).GetPixelID() == sitk.sitkInt16

@@ -2,7 +2,7 @@
 
 The SCP calls :meth:`PreDecoder.submit` for every instance once it is durable and its row committed (the call only
 queues the path: the association's thread never decodes). ``workers`` background threads decode each queued file
-(``dicom_node.reconstruct.predecode``) and keep its stored pixel values in memory, keyed by path and stamped with
+(``dicom_node.series.decode.predecode``) and keep its stored pixel values in memory, keyed by path and stamped with
 the file's size, mtime and inode, so that an instance replaced since (a new file renamed over the old path) is
 never served stale. A decode failure is kept as the ``Rejected`` message the job raises. The cache holds at most
 ``cap_bytes`` of pixels: past it, instances are not decoded ahead (their job decodes them as before). A job takes
@@ -22,10 +22,10 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, Thre
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.reconstruct import Predecoded, predecode
+from dicom_node.series.decode import Predecoded, predecode
 from dicom_node.types import InstanceRecord
 
-LOG = logging.getLogger("dicom_node.predecode")
+log = logging.getLogger(__name__)
 
 MAX_PENDING = 4096
 """Queued, not yet decoded instances beyond which new ones are not queued (their job decodes them)."""
@@ -154,7 +154,7 @@ class PreDecoder:
             slot.entry = _Entry(stamp, value, nbytes)
             return slot.entry
 
-    # -- the job's side (dicom_node.reconstruct.PredecodedLookup) --------------------------------------------
+    # -- the job's side (dicom_node.series.reconstruct.PredecodedLookup) --------------------------------------------
     def has(self, record: InstanceRecord) -> bool:
         with self._lock:
             return record.path in self._slots
@@ -170,7 +170,7 @@ class PreDecoder:
         except CancelledError:
             return None
         except Exception:  # a bug in the decoder thread: the job decodes the instance itself
-            LOG.exception("pre-decoding %s", record.path)
+            log.exception("pre-decoding %s", record.path)
             return None
         if entry is None or _stamp(record.path) != entry.stamp:
             return None

@@ -55,12 +55,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node import __version__
-from dicom_node.db import Database, HeaderFacts
+from dicom_node.db import Database
+from dicom_node.receive.spool import DiskFull, Spool
+from dicom_node.series.headers import InstanceUIDs, clean_uid, header_facts, instance_uids
 from dicom_node.settings import Settings
-from dicom_node.spool import DiskFull, Spool, clean_uid, is_acceptable_uid
-from dicom_node.types import InstanceRecord
+from dicom_node.types import HeaderFacts, InstanceRecord
 
-LOG = logging.getLogger("dicom_node.scp")
+log = logging.getLogger(__name__)
 
 CT_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
 TRANSFER_SYNTAXES = [
@@ -147,19 +148,8 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
+    uids: InstanceUIDs
     facts: HeaderFacts
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
 
 
 def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
@@ -201,53 +191,22 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
 
 
 def read_header(data: bytes, transfer_syntax: str, cmd_class: str, cmd_instance: str) -> Header:
-    """The routing facts of one received dataset, or :class:`Refused` with the reason."""
+    """The routing facts of one received dataset (through :mod:`dicom_node.series.headers`), or
+    :class:`Refused` with the reason."""
     try:
         ds = parse_header(data, transfer_syntax)
     except ValueError as exc:
         raise Refused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
-    sop_class = clean_uid(ds.get("SOPClassUID")) or cmd_class
-    sop_instance = clean_uid(ds.get("SOPInstanceUID")) or cmd_instance
-    study = clean_uid(ds.get("StudyInstanceUID"))
-    series = clean_uid(ds.get("SeriesInstanceUID"))
-    for name, value in (
-        ("SOPClassUID", sop_class),
-        ("SOPInstanceUID", sop_instance),
-        ("StudyInstanceUID", study),
-        ("SeriesInstanceUID", series),
-    ):
-        if not value:
-            raise Refused(STATUS_DATASET_MISMATCH, f"{name} is empty in the dataset (and in the command)")
-        if not is_acceptable_uid(value):
-            raise Refused(STATUS_DATASET_MISMATCH, f"{name} {value[:80]!r} is not a valid UID (PS3.5 UI)")
-    if sop_instance != cmd_instance and cmd_instance:
+    uids = instance_uids(ds, sop_class_uid=cmd_class, sop_instance_uid=cmd_instance)
+    problem = uids.problem()
+    if problem is not None:
+        raise Refused(STATUS_DATASET_MISMATCH, problem)
+    if uids.sop_instance_uid != cmd_instance and cmd_instance:
         raise Refused(
             STATUS_DATASET_MISMATCH,
-            f"SOPInstanceUID {sop_instance} in the dataset differs from the command's {cmd_instance}",
+            f"SOPInstanceUID {uids.sop_instance_uid} in the dataset differs from the command's {cmd_instance}",
         )
-    modality = ds.get("Modality")
-    frames: int | None = None
-    try:
-        raw = ds.get("NumberOfFrames")
-        frames = int(raw) if raw not in (None, "") else None
-    except (TypeError, ValueError):
-        frames = None
-    number: int | None = None
-    try:
-        raw = ds.get("InstanceNumber")
-        number = int(raw) if raw not in (None, "") else None
-    except (TypeError, ValueError):
-        number = None
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    facts = HeaderFacts(
-        modality=str(modality).strip() if modality else None,
-        instance_number=number,
-        number_of_frames=frames,
-        position=position,  # type: ignore[arg-type]
-        orientation=orientation,  # type: ignore[arg-type]
-    )
-    return Header(sop_class, sop_instance, study, series, facts)
+    return Header(uids, header_facts(ds))
 
 
 def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
@@ -356,7 +315,7 @@ class StorageSCP:
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers())
         self._server.block_on_close = False  # we wait for associations ourselves, with a deadline
         port: int = self._server.server_address[1]
-        LOG.info("listening", extra={"ae_title": node.ae_title, "port": port, "host": node.host})
+        log.info("listening", extra={"ae_title": node.ae_title, "port": port, "host": node.host})
         return port
 
     @property
@@ -417,11 +376,11 @@ class StorageSCP:
             return
         classes = sorted({str(cx.abstract_syntax) for cx in refused})
         accepted = {str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts}
-        LOG.debug(f"presentation contexts refused: {', '.join(classes)}", extra={"association": st.id})
+        log.debug(f"presentation contexts refused: {', '.join(classes)}", extra={"association": st.id})
         if not accepted - {str(Verification)}:
             # Nothing this sender proposed can be stored here: say so where an operator looks.
             reason = f"SOP classes not accepted (refused at negotiation): {', '.join(classes)[:400]}"
-            LOG.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae})
+            log.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae})
             self.db.record_event("context_refused", reason, calling_ae_title=st.calling_ae, association_id=st.id)
 
     def _on_rejected(self, event: Any) -> None:
@@ -434,7 +393,7 @@ class StorageSCP:
         else:
             limit = self.settings.node.max_associations
             reason = f"association rejected (limit node.max_associations={limit} or called AE title)"
-        LOG.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae, "peer": st.address})
+        log.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae, "peer": st.address})
         self.db.record_event("association_rejected", reason, calling_ae_title=st.calling_ae, association_id=st.id)
         self._assocs.pop(id(event.assoc), None)
 
@@ -444,12 +403,12 @@ class StorageSCP:
             return None
         secs = time.monotonic() - st.started
         for series_uid, count in st.series.items():
-            LOG.info(
+            log.info(
                 "instances stored",
                 extra={"association": st.id, "series_uid": series_uid, "count": count, "calling_ae": st.calling_ae},
             )
         level = logging.INFO if how == "released" else logging.WARNING
-        LOG.log(
+        log.log(
             level,
             f"association {how}",
             extra={
@@ -495,8 +454,8 @@ class StorageSCP:
             try:
                 qpath = self.spool.quarantine(exc.reason, meta or b"", data)
             except OSError as qexc:
-                LOG.error(f"cannot quarantine: {qexc}", extra={"association": st.id})
-        LOG.warning(
+                log.error(f"cannot quarantine: {qexc}", extra={"association": st.id})
+        log.warning(
             f"instance refused: {exc.reason}",
             extra={
                 "association": st.id, "calling_ae": st.calling_ae, "sop_uid": sop, "status": f"0x{exc.status:04X}",
@@ -509,7 +468,7 @@ class StorageSCP:
                 sop_instance_uid=sop, status=exc.status, path=qpath,
             )  # fmt: skip
         except Exception as dbexc:  # the refusal stands even if we cannot record it
-            LOG.error(f"cannot record refusal: {dbexc}", extra={"association": st.id})
+            log.error(f"cannot record refusal: {dbexc}", extra={"association": st.id})
         return _status(exc.status, exc.reason)
 
     def _store(self, event: Any) -> Any:
@@ -521,7 +480,7 @@ class StorageSCP:
         if cmd_class not in CT_SOP_CLASSES:
             # Only negotiable with node.accept_other_sop_classes.
             st.ignored += 1
-            LOG.info(
+            log.info(
                 "non-CT instance accepted and ignored (node.accept_other_sop_classes)",
                 extra={"association": st.id, "sop_class": cmd_class, "sop_uid": cmd_instance},
             )
@@ -538,15 +497,19 @@ class StorageSCP:
             meta = encode_file_meta(cmd_class or "1.2.3", cmd_instance or "1.2.3", ts, st.calling_ae)
             return self._refuse(st, exc, data, meta, cmd_instance)
         try:
-            meta = encode_file_meta(header.sop_class_uid, header.sop_instance_uid, ts, st.calling_ae)
+            meta = encode_file_meta(header.uids.sop_class_uid, header.uids.sop_instance_uid, ts, st.calling_ae)
             path, size = self.spool.store(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, meta, data
+                header.uids.study_instance_uid,
+                header.uids.series_instance_uid,
+                header.uids.sop_instance_uid,
+                meta,
+                data,
             )
             rec = InstanceRecord(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
+                sop_instance_uid=header.uids.sop_instance_uid,
+                sop_class_uid=header.uids.sop_class_uid,
+                study_instance_uid=header.uids.study_instance_uid,
+                series_instance_uid=header.uids.series_instance_uid,
                 transfer_syntax_uid=ts,
                 path=path,
                 size=size,
@@ -556,15 +519,19 @@ class StorageSCP:
             )
             stored = self.db.add_instance(rec, header.facts, self.settings.series.on_new_instances_after_done)
         except OSError as exc:
-            LOG.exception("cannot store instance", extra={"association": st.id, "sop_uid": header.sop_instance_uid})
+            log.exception(
+                "cannot store instance", extra={"association": st.id, "sop_uid": header.uids.sop_instance_uid}
+            )
             reason = f"cannot store: {exc.strerror or exc}"
             return self._refuse(st, Refused(STATUS_OUT_OF_RESOURCES, reason, quarantine=False), None, None,
-                                header.sop_instance_uid)  # fmt: skip
+                                header.uids.sop_instance_uid)  # fmt: skip
         except Exception as exc:
-            LOG.exception("cannot record instance", extra={"association": st.id, "sop_uid": header.sop_instance_uid})
+            log.exception(
+                "cannot record instance", extra={"association": st.id, "sop_uid": header.uids.sop_instance_uid}
+            )
             reason = f"cannot record: {type(exc).__name__}: {exc}"
             return self._refuse(st, Refused(STATUS_PROCESSING_FAILURE, reason, quarantine=False), None, None,
-                                header.sop_instance_uid)  # fmt: skip
+                                header.uids.sop_instance_uid)  # fmt: skip
         if stored.previous_path is not None and self.spool.contains(stored.previous_path):
             stored.previous_path.unlink(missing_ok=True)
         st.stored += 1
@@ -573,13 +540,14 @@ class StorageSCP:
             try:
                 self.on_stored(rec)
             except Exception:  # the instance is stored; a failed hand-off only costs its job a decode
-                LOG.exception("on_stored hook failed", extra={"association": st.id, "sop_uid": rec.sop_instance_uid})
-        st.series[header.series_instance_uid] = st.series.get(header.series_instance_uid, 0) + 1
-        if LOG.isEnabledFor(logging.DEBUG):
-            LOG.debug(
+                log.exception("on_stored hook failed", extra={"association": st.id, "sop_uid": rec.sop_instance_uid})
+        st.series[header.uids.series_instance_uid] = st.series.get(header.uids.series_instance_uid, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
                 "instance stored",
                 extra={
-                    "association": st.id, "sop_uid": header.sop_instance_uid, "series_uid": header.series_instance_uid,
+                    "association": st.id, "sop_uid": header.uids.sop_instance_uid,
+                    "series_uid": header.uids.series_instance_uid,
                     "replaced": stored.replaced, "job_id": stored.job_id,
                 },
             )  # fmt: skip

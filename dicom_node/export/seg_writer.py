@@ -14,7 +14,8 @@ What the SEG holds (see README "The SEG the node writes"):
   duplicating it: series UID from (source series UID, model name, model version), SOP instance UID from (that
   series UID, the sorted source SOP instance UIDs and frame numbers).
 
-Source headers are read with ``stop_before_pixels``: highdicom needs no pixel data of the sources.
+The sources' headers (read with ``stop_before_pixels`` when the series was planned) travel with the volume's
+source records: highdicom needs no pixel data of the sources.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import copy
 import datetime as _dt
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,8 +32,6 @@ from typing import Protocol
 
 import highdicom as hd
 import numpy as np
-import numpy.typing as npt
-import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -41,10 +39,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
 from dicom_node.errors import Rejected
+from dicom_node.series import geometry
 from dicom_node.settings import SegSection
 from dicom_node.types import CTVolume, SegArtifact, SourceInstance
+from inference.atomic import atomic_path
 
-log = logging.getLogger("dicom_node.seg")
+log = logging.getLogger(__name__)
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -106,156 +106,7 @@ def seg_instance_uid(series_uid: str, sources: Sequence[SourceInstance]) -> str:
     return derived_uid("dicom-node seg instance", series_uid, *keys)
 
 
-# --------------------------------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True, slots=True)
-class FramePlane:
-    """Where one source frame's pixels lie: position of the first pixel centre, unit row/column directions
-    (ImageOrientationPatient), and spacing between columns / between rows (mm)."""
-
-    position: npt.NDArray[np.float64]
-    row_dir: npt.NDArray[np.float64]
-    col_dir: npt.NDArray[np.float64]
-    column_spacing: float
-    row_spacing: float
-    rows: int
-    columns: int
-
-
-def _floats(values: object, n: int, what: str) -> npt.NDArray[np.float64]:
-    try:
-        arr = np.asarray([float(v) for v in values], dtype=np.float64)  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as exc:
-        raise Rejected(f"{what}: not {n} numbers: {values!r}") from exc
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-        raise Rejected(f"{what}: not {n} finite numbers: {values!r}")
-    return arr
-
-
-def _plane(position: object, orientation: object, spacing: object, rows: int, columns: int, what: str) -> FramePlane:
-    ipp = _floats(position, 3, f"{what} ImagePositionPatient")
-    iop = _floats(orientation, 6, f"{what} ImageOrientationPatient")
-    ps = _floats(spacing, 2, f"{what} PixelSpacing")
-    row_dir = iop[:3] / np.linalg.norm(iop[:3])
-    col_dir = iop[3:] / np.linalg.norm(iop[3:])
-    # PixelSpacing = (spacing between rows, spacing between columns)
-    return FramePlane(ipp, row_dir, col_dir, float(ps[1]), float(ps[0]), int(rows), int(columns))
-
-
-def _functional_item(ds: Dataset, frame_number: int, keyword: str) -> Dataset | None:
-    """The item of a functional group macro for a frame: per-frame first, then shared."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and len(per_frame) >= frame_number:
-        seq = per_frame[frame_number - 1].get(keyword)
-        if seq:
-            return seq[0]  # type: ignore[no-any-return]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        seq = shared[0].get(keyword)
-        if seq:
-            return seq[0]  # type: ignore[no-any-return]
-    return None
-
-
-def frame_plane(ds: Dataset, frame_number: int | None, what: str) -> FramePlane:
-    """The plane of a single-frame image, or of one frame (1-based) of a multi-frame image."""
-    if frame_number is None:
-        return _plane(
-            ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"),
-            ds.Rows, ds.Columns, what,
-        )  # fmt: skip
-    pos = _functional_item(ds, frame_number, "PlanePositionSequence")
-    ori = _functional_item(ds, frame_number, "PlaneOrientationSequence")
-    meas = _functional_item(ds, frame_number, "PixelMeasuresSequence")
-    if pos is None or ori is None or meas is None:
-        raise Rejected(f"{what} frame {frame_number}: no plane position, orientation or pixel measures")
-    return _plane(
-        pos.get("ImagePositionPatient"), ori.get("ImageOrientationPatient"), meas.get("PixelSpacing"),
-        ds.Rows, ds.Columns, f"{what} frame {frame_number}",
-    )  # fmt: skip
-
-
-class _LabelSampler:
-    """Nearest-neighbour sampling of a label image at arbitrary patient points, ITK's convention.
-
-    A point maps to the continuous index M (p - origin), M = (direction * spacing)^-1; nearest neighbour rounds
-    half up (floor(x + 0.5), as ITK's NearestNeighborInterpolateImageFunction) and a point outside
-    [-0.5, size - 0.5) on any axis samples the background 0 (as sitk.Resample's default value).
-    """
-
-    def __init__(self, label: sitk.Image) -> None:
-        self.array = sitk.GetArrayViewFromImage(label)  # (z, y, x)
-        direction = np.asarray(label.GetDirection(), dtype=np.float64).reshape(3, 3)
-        spacing = np.asarray(label.GetSpacing(), dtype=np.float64)
-        self.origin = np.asarray(label.GetOrigin(), dtype=np.float64)
-        self.to_index = np.linalg.inv(direction * spacing)  # columns of direction scaled by spacing
-        self.size = np.asarray(label.GetSize(), dtype=np.int64)  # (x, y, z)
-
-    def plane(self, plane: FramePlane) -> npt.NDArray[np.uint8]:
-        start = self.to_index @ (plane.position - self.origin)
-        step_c = self.to_index @ (plane.row_dir * plane.column_spacing)  # moving one column
-        step_r = self.to_index @ (plane.col_dir * plane.row_spacing)  # moving one row
-        r = np.arange(plane.rows, dtype=np.float64)[:, None]
-        c = np.arange(plane.columns, dtype=np.float64)[None, :]
-        inside = np.ones((plane.rows, plane.columns), dtype=bool)
-        idx: list[npt.NDArray[np.int64]] = []
-        for axis in range(3):
-            cont = start[axis] + c * step_c[axis] + r * step_r[axis]
-            i = np.floor(cont + 0.5).astype(np.int64)
-            inside &= (i >= 0) & (i < self.size[axis])
-            idx.append(np.broadcast_to(i, inside.shape))
-        out = np.zeros((plane.rows, plane.columns), dtype=np.uint8)
-        if inside.any():
-            x, y, z = (np.where(inside, i, 0) for i in idx)
-            out[inside] = self.array[z[inside], y[inside], x[inside]]
-        return out
-
-
-def _direct_slices(volume: CTVolume, planes: Sequence[FramePlane]) -> bool:
-    """True when the volume's slice k *is* source frame k (no resampling): same in-plane grid, and each source
-    position within 1 % of a voxel of the volume's slice k. Then the label's slice k is the source's mask."""
-    image = volume.image
-    if volume.resampled or image.GetSize()[2] != len(planes):
-        return False
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    nx, ny = image.GetSize()[0], image.GetSize()[1]
-    for k, p in enumerate(planes):
-        if (p.columns, p.rows) != (nx, ny):
-            return False
-        if not (
-            np.allclose(p.row_dir, direction[:, 0], atol=1e-4) and np.allclose(p.col_dir, direction[:, 1], atol=1e-4)
-        ):
-            return False
-        if (
-            abs(p.column_spacing - spacing[0]) > 1e-4 * spacing[0]
-            or abs(p.row_spacing - spacing[1]) > 1e-4 * spacing[1]
-        ):
-            return False
-        expected = origin + direction[:, 2] * spacing[2] * k
-        if np.linalg.norm(p.position - expected) > 0.01 * float(spacing.min()):
-            return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------------- writer
-
-
-def _read_headers(sources: Sequence[SourceInstance], cache: Mapping[Path, Dataset] | None) -> dict[Path, Dataset]:
-    out: dict[Path, Dataset] = {}
-    for s in sources:
-        if s.path in out:
-            continue
-        if cache is not None and s.path in cache:
-            out[s.path] = cache[s.path]
-            continue
-        try:
-            out[s.path] = pydicom.dcmread(s.path, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise Rejected(f"SEG: cannot read source header {s.path}: {exc}") from exc
-    return out
 
 
 def _segment_descriptions(
@@ -340,14 +191,6 @@ def _repair_copied_patient_module(ds: Dataset) -> None:
         ds.DeidentificationMethod = "Not stated in the source images"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_seg(
     volume: CTVolume,
     label: sitk.Image,
@@ -357,16 +200,14 @@ def write_seg(
     algorithm_version: str,
     seg: SegSection,
     out_path: Path,
-    headers: Mapping[Path, Dataset] | None = None,
     now: _dt.datetime | None = None,
 ) -> SegArtifact:
     """Write the SEG of ``label`` (uint8 on ``volume.image``'s grid) for ``volume``'s sources to ``out_path``.
 
     ``segments``: the model spec's segments (label value + name); ``algorithm_name``/``algorithm_version``: the
-    model's name and version in the repository. ``headers`` may hand over source datasets already read (keyed by
-    path); the others are read header-only. The file is Explicit VR Little Endian, written to a temporary name,
-    fsynced and renamed into place. Raises ``Rejected`` for sources or a label it cannot use, ``ValueError`` for
-    a spec whose segments it cannot code.
+    model's name and version in the repository. Each source brings its header and plane (read once, when the
+    series was planned). The file is Explicit VR Little Endian, written atomically and durably. Raises
+    ``Rejected`` for sources or a label it cannot use, ``ValueError`` for a spec whose segments it cannot code.
     """
     t0 = time.perf_counter()
     if not volume.sources:
@@ -374,8 +215,7 @@ def write_seg(
     _check_label(volume, label)
     descriptions, numbers = _segment_descriptions(segments, algorithm_name, algorithm_version)
 
-    datasets = _read_headers(volume.sources, headers)
-    planes = [frame_plane(datasets[s.path], s.frame_number, f"source {s.sop_instance_uid}") for s in volume.sources]
+    planes = [s.plane for s in volume.sources]
     shapes = {(p.rows, p.columns) for p in planes}
     if len(shapes) != 1:
         raise Rejected(f"SEG: source frames differ in size {sorted(shapes)}")
@@ -397,12 +237,13 @@ def write_seg(
 
     # mask of every source frame, in volume.sources order
     masks = np.zeros((len(planes), rows, columns), dtype=np.uint8)
-    if _direct_slices(volume, planes):
+    grid = geometry.Grid.of(label_u8.GetOrigin(), label_u8.GetSpacing(), label_u8.GetDirection(), label_u8.GetSize())
+    if not volume.resampled and geometry.planes_are_slices(planes, grid):
         masks[:] = label_array
     else:
-        sampler = _LabelSampler(label_u8)
+        sampler = geometry.PlaneSampler(label_array, grid)
         for k, p in enumerate(planes):
-            masks[k] = sampler.plane(p)
+            masks[k] = sampler.sample(p)
     t_masks = time.perf_counter()
 
     multi = [s for s in volume.sources if s.frame_number is not None]
@@ -410,7 +251,7 @@ def write_seg(
         raise Rejected("SEG: sources mix single-frame and multi-frame instances, or span several multi-frame ones")
 
     if multi:
-        ds = datasets[volume.sources[0].path]
+        ds = volume.sources[0].header
         n_frames = int(ds.get("NumberOfFrames", 1))
         source_images: list[Dataset] = [_with_type2(ds)]
         pixel_array = np.zeros((n_frames, rows, columns), dtype=np.uint8)
@@ -420,7 +261,7 @@ def write_seg(
                 raise Rejected(f"SEG: source frame {s.frame_number} outside 1..{n_frames} of {s.sop_instance_uid}")
             pixel_array[s.frame_number - 1] = masks[k]
     else:
-        source_images = [datasets[s.path] for s in volume.sources]
+        source_images = [s.header for s in volume.sources]
         source_images[0] = _with_type2(source_images[0])
         pixel_array = masks
 
@@ -430,7 +271,7 @@ def write_seg(
         # "No finding": one empty frame on the first source plane (highdicom needs at least one frame).
         first = planes[0]
         pixel_array = np.zeros((1, rows, columns), dtype=np.uint8)
-        plane_positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, first.position.tolist())]
+        plane_positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, list(first.position))]
         omit_empty = False
 
     series_uid = seg_series_uid(volume.series_instance_uid, algorithm_name, algorithm_version)
@@ -467,13 +308,8 @@ def write_seg(
     _repair_copied_patient_module(segmentation)
     t_build = time.perf_counter()
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    segmentation.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(out_path)
-    _fsync_dir(out_path.parent)
+    with atomic_path(out_path) as tmp:
+        segmentation.save_as(tmp, enforce_file_format=True)
     t_end = time.perf_counter()
     log.info(
         "SEG written",

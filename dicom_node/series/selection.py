@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from dicom_node.frames import first_orientation, first_pixel_spacing, number_of_frames, read_headers
-from dicom_node.geometry import axial_angle_deg
+from dicom_node.series.geometry import axial_angle_deg
+from dicom_node.series.headers import first_orientation, first_pixel_spacing, number_of_frames, read_headers
 from dicom_node.settings import SelectionSection
 from dicom_node.types import SeriesManifest
 

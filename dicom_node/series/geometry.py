@@ -1,4 +1,7 @@
-"""Pure helpers on the geometry of a stack of CT slices (LPS millimetres). No I/O, no DICOM parsing.
+"""All plane maths of the node, in one place: pure helpers on CT slice geometry (LPS millimetres). No I/O.
+
+Sorting along the normal, gantry tilt, slice spacing (planning and completion) and the SEG's frames on the
+source planes (the writer) all use these functions.
 
 A slice's orientation is its ImageOrientationPatient: six direction cosines, the row direction (the direction in
 which column index increases) then the column direction. The slice normal is row x column; a stack is sorted by
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from dicom_node.types import FramePlane
 
 FloatArray = npt.NDArray[np.float64]
 Points = Sequence[Sequence[float]] | FloatArray
@@ -212,3 +217,101 @@ def is_regular_stack(
     if is_gantry_tilted(normal, p):
         return False
     return spacing_stats(positions_along(normal, p), tolerance).even
+
+
+def sort_along(normal: Vector, positions: Points) -> npt.NDArray[np.intp]:
+    """The order that sorts slices by position along the normal (stable: equal positions keep their order)."""
+    return np.argsort(positions_along(normal, positions), kind="stable")
+
+
+def stack_direction(positions: Points) -> FloatArray:
+    """Unit direction from the first to the last of positions already sorted along the normal (the table axis of
+    a gantry-tilted stack)."""
+    p = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    span = p[-1] - p[0]
+    return np.asarray(span / np.linalg.norm(span), dtype=np.float64)
+
+
+# -- frame planes against an image grid (the SEG's frames on the source planes) -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """An image grid in patient space, ITK's convention: ``direction`` columns are the unit axes of x, y, z;
+    ``spacing`` and ``size`` are in (x, y, z) order; a voxel index i maps to origin + direction @ (spacing * i)."""
+
+    origin: FloatArray
+    spacing: FloatArray
+    direction: FloatArray
+    size: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, origin: Vector, spacing: Vector, direction: Vector, size: Sequence[int]) -> Grid:
+        return cls(
+            np.asarray(origin, dtype=np.float64),
+            np.asarray(spacing, dtype=np.float64),
+            np.asarray(direction, dtype=np.float64).reshape(3, 3),
+            (int(size[0]), int(size[1]), int(size[2])),
+        )
+
+
+def plane_vectors(plane: FramePlane) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Position of the first pixel centre, and the steps (mm vectors) of one column and of one row."""
+    row, col, _ = orientation_vectors(plane.orientation)
+    dy, dx = plane.pixel_spacing
+    return np.asarray(plane.position, dtype=np.float64), row * dx, col * dy
+
+
+def planes_are_slices(planes: Sequence[FramePlane], grid: Grid, tolerance: float = 0.01) -> bool:
+    """True when frame k of ``planes`` *is* slice k of ``grid``: the same in-plane grid, and each position within
+    ``tolerance`` of a voxel of slice k. Then a label on the grid needs no resampling to lie on the frames."""
+    if grid.size[2] != len(planes):
+        return False
+    for k, plane in enumerate(planes):
+        if (plane.columns, plane.rows) != grid.size[:2]:
+            return False
+        position, step_c, step_r = plane_vectors(plane)
+        if not (
+            np.allclose(step_c, grid.direction[:, 0] * grid.spacing[0], rtol=0, atol=1e-4 * grid.spacing[0])
+            and np.allclose(step_r, grid.direction[:, 1] * grid.spacing[1], rtol=0, atol=1e-4 * grid.spacing[1])
+        ):
+            return False
+        expected = grid.origin + grid.direction[:, 2] * grid.spacing[2] * k
+        if np.linalg.norm(position - expected) > tolerance * float(grid.spacing.min()):
+            return False
+    return True
+
+
+class PlaneSampler:
+    """Nearest-neighbour sampling of a (z, y, x) array on ``grid`` at the pixel centres of a frame plane.
+
+    A point maps to the continuous index M (p - origin), M = (direction * spacing)^-1; nearest neighbour rounds
+    half up (floor(x + 0.5), as ITK's NearestNeighborInterpolateImageFunction) and a point outside
+    [-0.5, size - 0.5) on any axis samples the background 0 (as sitk.Resample's default value).
+    """
+
+    def __init__(self, array: npt.NDArray[np.uint8], grid: Grid) -> None:
+        self.array = array
+        self.grid = grid
+        self.to_index = np.linalg.inv(grid.direction * grid.spacing)  # columns of direction scaled by spacing
+        self.size = np.asarray(grid.size, dtype=np.int64)
+
+    def sample(self, plane: FramePlane) -> npt.NDArray[np.uint8]:
+        position, step_col, step_row = plane_vectors(plane)
+        start = self.to_index @ (position - self.grid.origin)
+        step_c = self.to_index @ step_col  # moving one column
+        step_r = self.to_index @ step_row  # moving one row
+        r = np.arange(plane.rows, dtype=np.float64)[:, None]
+        c = np.arange(plane.columns, dtype=np.float64)[None, :]
+        inside = np.ones((plane.rows, plane.columns), dtype=bool)
+        idx: list[npt.NDArray[np.int64]] = []
+        for axis in range(3):
+            cont = start[axis] + c * step_c[axis] + r * step_r[axis]
+            i = np.floor(cont + 0.5).astype(np.int64)
+            inside &= (i >= 0) & (i < self.size[axis])
+            idx.append(np.broadcast_to(i, inside.shape))
+        out = np.zeros((plane.rows, plane.columns), dtype=np.uint8)
+        if inside.any():
+            x, y, z = (np.where(inside, i, 0) for i in idx)
+            out[inside] = self.array[z[inside], y[inside], x[inside]]
+        return out

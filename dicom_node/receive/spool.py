@@ -9,9 +9,10 @@ A key is the UID itself when it is a well-formed UI value (digits and dots, no e
 64 characters at most: such a name cannot contain a separator or ``..``), otherwise ``x`` + a SHA-256 prefix of
 the raw value. Nothing from a dataset is ever joined to a path without going through :func:`uid_key`.
 
-Every write goes: temp file in the target folder -> write -> fsync -> atomic rename -> fsync of the folder (and
-of each parent created on the way), so once :meth:`Spool.store` returns the file survives a crash or power loss,
-and a reader never sees a half-written file. A second store of the same SOP Instance UID replaces the file.
+Every write goes through :func:`inference.atomic.write_atomic` (temp file in the target folder -> write -> fsync
+-> atomic rename -> fsync of the folder), and each parent created on the way is flushed too, so once
+:meth:`Spool.store` returns the file survives a crash or power loss, and a reader never sees a half-written file.
+A second store of the same SOP Instance UID replaces the file.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dicom_node.errors import Transient
+from inference.atomic import TMP_PREFIX, fsync_dir, write_atomic
 
 UID_GRAMMAR = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 """PS3.5 9.1: components of digits, no leading zero, separated by single dots."""
-UID_CHARSET = re.compile(r"^[0-9.]{1,64}$")
-"""What we accept at all: the UI repertoire and length (leading zeros, which some devices write, are tolerated)."""
-TMP_PREFIX = ".tmp-"
 SUFFIX = ".dcm"
 
 
@@ -40,31 +39,11 @@ class DiskFull(Transient):
     """Free space in the storage folder is below ``storage.min_free_bytes``."""
 
 
-def clean_uid(value: object) -> str:
-    """A UID value as sent, with the padding (trailing NUL / spaces) PS3.5 allows stripped."""
-    if value is None:
-        return ""
-    return str(value).rstrip("\x00 ").strip()
-
-
-def is_acceptable_uid(uid: str) -> bool:
-    """True when ``uid`` only uses the UI repertoire and length; see :data:`UID_CHARSET`."""
-    return bool(UID_CHARSET.match(uid)) and ".." not in uid and not uid.startswith(".") and not uid.endswith(".")
-
-
 def uid_key(uid: str) -> str:
     """A file name for ``uid`` that cannot leave its folder: the UID itself if well-formed, else a digest."""
     if len(uid) <= 64 and UID_GRAMMAR.match(uid):
         return uid
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -112,7 +91,7 @@ class Spool:
             if self.fsync and missing:
                 # A new directory entry is durable only once its parent is fsync'd.
                 for d in missing:
-                    _fsync_dir(d.parent)
+                    fsync_dir(d.parent)
             self._known_dirs.add(path)
 
     # -- space ---------------------------------------------------------------------------------------------
@@ -138,29 +117,8 @@ class Spool:
 
     # -- writes --------------------------------------------------------------------------------------------
     def _write_atomic(self, final: Path, chunks: tuple[bytes, ...]) -> int:
-        folder = final.parent
-        self._ensure_dir(folder)
-        tmp = folder / f"{TMP_PREFIX}{final.name}.{threading.get_ident()}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        size = 0
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    size += n
-            if self.fsync:
-                os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
-        if self.fsync:
-            _fsync_dir(folder)
-        return size
+        self._ensure_dir(final.parent)
+        return write_atomic(final, chunks, fsync=self.fsync)
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, *chunks: bytes) -> tuple[Path, int]:
         """Durably store one instance's bytes (preamble + meta + dataset as chunks); returns (path, size)."""

@@ -45,7 +45,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.settings import Destination
 from dicom_node.types import SendResult, SendStatus
 
-log = logging.getLogger("dicom_node.export")
+log = logging.getLogger(__name__)
 
 WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
 PERMANENT_STATUSES = frozenset({0x0117, 0x0122, 0x0124, 0x0211})

@@ -1,0 +1,335 @@
+"""The persistent outbox: every (SEG, destination) pair is a row in the state database, sent and retried on its own.
+
+Row life: ``pending`` -> ``sending`` -> ``delivered`` | ``warning`` (accepted with a warning status; counts as
+delivered) | ``failed`` (with the reason), or back to ``pending`` with the node's backoff policy
+(``export.backoff``: initial delay doubling up to the maximum) until ``export.max_attempts`` attempts. The tables
+and their SQL are the database layer's (:class:`dicom_node.db.ExportStore`); this module decides.
+The attempt is counted when the row is claimed, before the send, so a crash mid-send still counts.
+
+Not blocking anyone: sends run on the outbox's own threads (never a DIMSE handler's or a job worker's), at most
+one send in flight per destination, and there are at least as many threads as configured destinations
+(``max(export.workers, len(destinations))``), so a destination that is down, even one that swallows
+connections until the timeout, never delays another destination or new receptions.
+
+Delivery is at least once. Restart: rows found in ``sending`` at start go back to ``pending`` (the interrupted
+attempt stays counted): a send that a kill interrupted after the peer stored the object, but before its answer
+was recorded, is sent again, and the peer gets the same SOP Instance UID twice (a replacement, as PS3.4 B.4.1
+allows). A re-run of a job (``dicom-node retry``) re-sends its objects to every destination. The SEG file stays
+where the writer put it; the outbox never deletes it.
+
+Jobs: ``on_job_settled(job_id, outcome)`` is called when every destination of a job has accepted the SEG
+(``outcome.state == "delivered"``) or as soon as one has failed for good (``"failed"``; the other rows keep
+being tried). It is called at least once per outcome: the notification is recorded after the callback returns,
+and unrecorded ones are re-announced at start, so the callback must be idempotent. ``retry(job_id)`` puts the
+job's failed rows back to ``pending`` with a fresh attempt count and re-arms the notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dicom_node import db as dbmod
+from dicom_node.db import ACCEPTED_EXPORT_STATES, ExportRow, ExportState, ExportStore, ExportTarget
+from dicom_node.export.scu import destination_key, send
+from dicom_node.settings import Destination, ExportSection, Settings
+from dicom_node.types import SegArtifact, SendResult, SendStatus
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+"""Longest a worker sleeps without looking at the database (rows re-queued by `dicom-node retry` from another
+process are picked up within this)."""
+
+Sender = Callable[[Path, Destination, str, float], SendResult]
+
+
+@dataclass(frozen=True, slots=True)
+class JobExportOutcome:
+    """What the outbox tells the job layer: ``delivered`` (every destination accepted, possibly with warnings)
+    or ``failed`` (at least one destination failed for good; ``reason`` names them)."""
+
+    job_id: int
+    state: Literal["delivered", "failed"]
+    reason: str | None
+    rows: tuple[ExportRow, ...]
+
+    @property
+    def warnings(self) -> tuple[ExportRow, ...]:
+        return tuple(r for r in self.rows if r.state == "warning")
+
+
+JobCallback = Callable[[int, JobExportOutcome], None]
+
+
+def database_path(settings: Settings) -> Path:
+    return settings.storage.dir / dbmod.DB_NAME
+
+
+class Outbox:
+    """The export queue and its sender threads. ``start()`` before sends happen; ``stop()`` to drain."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        export: ExportSection,
+        *,
+        calling_ae_title: str,
+        destinations: Sequence[Destination] = (),
+        on_job_settled: JobCallback | None = None,
+        sender: Sender = send,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db_path = db_path
+        self.export = export
+        self.calling_ae_title = calling_ae_title
+        self.destinations = tuple(destinations)
+        self.on_job_settled = on_job_settled
+        self._send = sender
+        self._clock = clock
+        self._store = ExportStore.open(db_path)
+        self._lock = threading.RLock()  # serialises use of self._store across caller threads
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Recover rows interrupted by a crash, re-announce unrecorded job outcomes, start the sender threads."""
+        with self._lock:
+            n, jobs = self._store.recover(self._clock())
+        if n:
+            log.info("outbox: %d interrupted send(s) back to pending", n, extra={"event": "export_recover", "rows": n})
+        for job_id in jobs:
+            self._maybe_settle(job_id)
+        self._stopping.clear()
+        count = max(self.export.workers, len(self.destinations), 1)
+        for i in range(count):
+            t = threading.Thread(target=self._run, name=f"export-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming rows and wait for in-flight sends (each bounded by export.timeout_s)."""
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if not self._threads:
+            with self._lock:
+                self._store.close()
+
+    def __enter__(self) -> Outbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(timeout=self.export.timeout_s * 2)
+
+    # ------------------------------------------------------------------------------------------------ API
+
+    def enqueue(
+        self, job_id: int, artifact: SegArtifact, destinations: Sequence[Destination] | None = None
+    ) -> list[ExportRow]:
+        """One row per destination (default: the configured ones) for ``artifact``, due now. A row that exists
+        for the same (job, SOP instance, destination) is re-armed: the job ran again, so its result goes to every
+        destination again. With no destination at all the job is settled (delivered) at once."""
+        dests = self.destinations if destinations is None else tuple(destinations)
+        targets = [
+            ExportTarget(destination_key(d), d.ae_title, d.host, d.port, d.calling_ae_title or self.calling_ae_title)
+            for d in dests
+        ]
+        with self._lock:
+            self._store.enqueue(
+                job_id, artifact.sop_instance_uid, artifact.series_instance_uid, artifact.study_instance_uid,
+                artifact.path, targets, self._clock(),
+            )  # fmt: skip
+        rows = self.rows(job_id)
+        for r in rows:
+            log.info("export queued", extra=self._extra(r, event="export_queued", outcome=r.state))
+        self._notify()
+        if not dests:
+            self._maybe_settle(job_id)
+        return rows
+
+    def retry(self, job_id: int) -> int:
+        """Failed rows of the job back to pending, attempts reset; returns how many."""
+        with self._lock:
+            n = self._store.retry_failed(job_id, self._clock())
+        _log_retry(job_id, n)
+        self._notify()
+        return n
+
+    def rows(self, job_id: int | None = None) -> list[ExportRow]:
+        with self._lock:
+            return self._store.rows(job_id)
+
+    def wait_settled(self, job_id: int, timeout: float) -> JobExportOutcome | None:
+        """Block until the job's exports are settled (for tests and tools); None on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            outcome = self.outcome(job_id)
+            if outcome is not None:
+                return outcome
+            time.sleep(0.05)
+        return None
+
+    def outcome(self, job_id: int) -> JobExportOutcome | None:
+        """The job's settled outcome, or None while it is not settled."""
+        return _outcome(job_id, self.rows(job_id))
+
+    # ---------------------------------------------------------------------------------------------- workers
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _run(self) -> None:
+        store = ExportStore.open(self.db_path)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    now = self._clock()
+                    row, due = store.claim(now)
+                    wait = POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, max(0.01, due - now))
+                except sqlite3.Error:
+                    log.exception("outbox: cannot claim a row", extra={"event": "export_error"})
+                    row, wait = None, POLL_INTERVAL_S
+                if row is None:
+                    with self._wake:
+                        if not self._stopping.is_set():
+                            self._wake.wait(wait)
+                    continue
+                self._attempt(store, row)
+        finally:
+            store.close()
+
+    def _attempt(self, store: ExportStore, row: ExportRow) -> None:
+        dest = Destination(ae_title=row.dest_ae_title, host=row.dest_host, port=row.dest_port)
+        t0 = time.monotonic()
+        try:
+            result = self._send(Path(row.path), dest, row.calling_ae_title, self.export.timeout_s)
+        except Exception as exc:  # a bug in the sender must not kill the thread or lose the row
+            log.exception("outbox: sender raised", extra={"event": "export_error", "row": row.id})
+            result = SendResult(row.destination, SendStatus.RETRY, None, f"sender raised {type(exc).__name__}: {exc}")
+        elapsed = time.monotonic() - t0
+        now = self._clock()
+        state: ExportState
+        if result.status == SendStatus.SUCCESS:
+            state, next_at = "delivered", now
+        elif result.status == SendStatus.WARNING:
+            state, next_at = "warning", now
+        elif result.status == SendStatus.FAILED or row.attempts >= self.export.max_attempts:
+            state, next_at = "failed", now
+        else:
+            state, next_at = "pending", now + self.export.backoff.delay(row.attempts)
+        reason = result.reason
+        if state == "failed" and result.status == SendStatus.RETRY:
+            reason = f"gave up after {row.attempts} attempt(s): {result.reason}"
+        store.record_attempt(row.id, state, next_at, result.dimse_status, reason, now)
+        log_fn = log.warning if state in ("failed", "warning") or result.status == SendStatus.RETRY else log.info
+        log_fn(
+            "export attempt %d to %s: %s (%s)",
+            row.attempts, row.destination, state, reason,
+            extra=self._extra(
+                row, event="export_attempt", outcome=state, result=result.status.value,
+                dimse_status=None if result.dimse_status is None else f"0x{result.dimse_status:04X}",
+                reason=reason, elapsed_s=round(elapsed, 3),
+                retry_in_s=round(next_at - now, 1) if state == "pending" else None,
+            ),
+        )  # fmt: skip
+        self._notify()  # the destination is free again for other threads
+        if state != "pending":
+            self._settle_with(store, row.job_id)
+
+    @staticmethod
+    def _extra(row: ExportRow, **fields: Any) -> dict[str, Any]:
+        return {
+            "job_id": row.job_id,
+            "sop_instance_uid": row.sop_instance_uid,
+            "series_instance_uid": row.series_instance_uid,
+            "study_instance_uid": row.study_instance_uid,
+            "destination": row.destination,
+            "attempt": row.attempts,
+            **fields,
+        }
+
+    def _maybe_settle(self, job_id: int) -> None:
+        with self._lock:
+            self._settle_with(self._store, job_id)
+
+    def _settle_with(self, store: ExportStore, job_id: int) -> None:
+        """Announce the job's outcome once it is decided and not yet announced."""
+        outcome = _outcome(job_id, store.rows(job_id))
+        if outcome is None or not store.claim_announcement(job_id, outcome.state):
+            return
+        log.info(
+            "job %d exports %s",
+            job_id, outcome.state,
+            extra={"event": "export_settled", "job_id": job_id, "outcome": outcome.state, "reason": outcome.reason},
+        )  # fmt: skip
+        ok = True
+        if self.on_job_settled is not None:
+            try:
+                self.on_job_settled(job_id, outcome)
+            except Exception:
+                ok = False
+                log.exception("outbox: job callback failed", extra={"event": "export_error", "job_id": job_id})
+        store.finish_announcement(job_id, outcome.state if ok else None, self._clock())
+
+
+def _outcome(job_id: int, rows: Sequence[ExportRow]) -> JobExportOutcome | None:
+    failed = [r for r in rows if r.state == "failed"]
+    if failed:
+        reason = "; ".join(f"{r.destination}: {r.reason}" for r in failed)
+        return JobExportOutcome(job_id, "failed", reason, tuple(rows))
+    if all(r.state in ACCEPTED_EXPORT_STATES for r in rows):
+        warn = [r for r in rows if r.state == "warning"]
+        warned = "; ".join(f"{r.destination}: {r.reason}" for r in warn) or None
+        return JobExportOutcome(job_id, "delivered", warned, tuple(rows))
+    return None
+
+
+def _log_retry(job_id: int, rows: int) -> None:
+    if rows:
+        log.info(
+            "job %d: %d failed export(s) re-queued", job_id, rows,
+            extra={"event": "export_retry", "job_id": job_id, "rows": rows},
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- for `dicom-node status/retry`
+
+
+def list_exports(settings: Settings, job_id: int | None = None) -> list[dict[str, Any]]:
+    """Every outbox row (or one job's) as plain dicts, for `dicom-node status`."""
+    path = database_path(settings)
+    if not path.exists():
+        return []
+    store = ExportStore.open(path)
+    try:
+        return [asdict(r) for r in store.rows(job_id)]
+    finally:
+        store.close()
+
+
+def retry_failed_for_job(settings: Settings, job_id: int) -> int:
+    """`dicom-node retry JOB`: the job's failed exports back to pending (a running node picks them up within
+    about a second); returns how many rows."""
+    store = ExportStore.open(database_path(settings))
+    try:
+        n = store.retry_failed(job_id, time.time())
+    finally:
+        store.close()
+    _log_retry(job_id, n)
+    return n

@@ -1,0 +1,42 @@
+"""Test doubles of the job processor (:class:`dicom_node.worker.JobProcessor`): they live here, not in the node."""
+
+from __future__ import annotations
+
+from dicom_node.errors import Rejected
+from dicom_node.jobs import FailureStage, Job, JobOutcome
+from dicom_node.series.reconstruct import reconstruct
+from dicom_node.series.selection import select_series
+from dicom_node.settings import Settings
+from dicom_node.types import CTVolume, InstanceRecord, SeriesManifest
+
+
+class ReconstructingProcessor:
+    """Selection and reconstruction, no inference: reception tests stop at the volume, which they look at."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.volumes: dict[int, CTVolume] = {}
+        """Job id -> the reconstructed volume."""
+        self.stored: list[InstanceRecord] = []
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def on_stored(self, record: InstanceRecord) -> None:
+        self.stored.append(record)
+
+    def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
+        verdict = select_series(manifest, self.settings.selection)
+        if not verdict.selected:
+            return JobOutcome.skipped(str(verdict.reason))
+        try:
+            volume = reconstruct(manifest, self.settings.reconstruction)
+        except Rejected as exc:
+            return JobOutcome.failed(str(exc), FailureStage.INPUT)
+        self.volumes[job.id] = volume
+        size = volume.image.GetSize()
+        return JobOutcome.done(f"reconstructed {size[0]}x{size[1]}x{size[2]} volume (no inference in this processor)")
