@@ -42,6 +42,7 @@ run: install
 
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: install-test
 	$(BIN)/mypy
@@ -53,10 +54,9 @@ test: install-test apt-test-deps lint typecheck
 unit: install-test
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+# Every script under bench/, each printing its table and its ratio against the reference it names.
 bench: install-test apt-test-deps
-	$(BIN)/python bench/infer.py
-	$(BIN)/python bench/receive.py
-	$(BIN)/python bench/e2e.py
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 # Retrain the reference model from scratch (CPU, about 45-60 min on 2 cores): models/training/README.md.
 SEED ?= 0

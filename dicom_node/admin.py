@@ -63,6 +63,8 @@ def print_status(settings: Settings, as_json: bool = False) -> int:
         w(f"exports ({len(status['exports'])})\n")
         for e in status["exports"]:
             reason = f"  {e['reason']}" if e.get("reason") else ""
+            if e.get("resends"):
+                reason += f"  (re-sent {e['resends']}x after an interrupted send)"
             w(
                 f"  job {e['job_id']:>5}  {e['state']:<9} -> {e['destination']}  attempts {e['attempts']}  "
                 f"SEG {e['sop_instance_uid']}  {_when(e['updated_at'])}{reason}\n"

@@ -17,11 +17,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import signal
+import sqlite3
 import threading
 from typing import Any
 
-from dicom_node.db import DB_NAME, Database
+from dicom_node.db import DB_NAME, Database, is_disk_full
 from dicom_node.errors import NodeError
 from dicom_node.logs import setup_logging
 from dicom_node.processing import SeriesProcessor
@@ -36,7 +38,11 @@ log = logging.getLogger(__name__)
 
 
 class StorageLocked(NodeError):
-    pass
+    """Another node serves from the storage folder."""
+
+
+class StorageFull(NodeError):
+    """The storage folder's disk is full at start: nothing can be recorded, so the node does not start."""
 
 
 class Node:
@@ -68,11 +74,21 @@ class Node:
         self._lock_fd = fd
 
     def start(self) -> int:
-        self._lock_storage()
         st = self.settings.storage
-        self.spool = Spool(self.storage, fsync=st.fsync, min_free_bytes=st.min_free_bytes)
-        self.db = Database(self.storage / DB_NAME)
-        recover(self.settings, self.db, self.spool)
+        try:
+            self._lock_storage()
+            self.spool = Spool(self.storage, fsync=st.fsync, min_free_bytes=st.min_free_bytes)
+            self.db = Database(self.storage / DB_NAME)
+            recover(self.settings, self.db, self.spool)
+        except (sqlite3.Error, OSError) as exc:
+            if not is_disk_full(exc):
+                raise
+            free = shutil.disk_usage(self.storage).free
+            self._release_storage()
+            raise StorageFull(
+                f"storage {self.storage}: the disk is full ({free} bytes free), so start-up recovery cannot record "
+                f"its state; free some space there and start again ({exc})"
+            ) from exc
         if self.processor is None:
             self.processor = SeriesProcessor(self.settings, self.db)
         self.processor.start()
@@ -102,12 +118,15 @@ class Node:
             log.warning("a job is still running; it goes back to the queue on the next start")
         if self.processor is not None:
             self.processor.stop()
+        self._release_storage()
+        log.info("node stopped")
+
+    def _release_storage(self) -> None:
         if self.db is not None:
             self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        log.info("node stopped")
 
 
 def serve(settings: Settings) -> int:

@@ -17,6 +17,7 @@ after a restart (nothing is lost: the sender got no Success and will resend, and
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -79,6 +80,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at          REAL NOT NULL,
     updated_at          REAL NOT NULL,
     failure_stage       TEXT,
+    deferred_since      REAL,
+    deferrals           INTEGER NOT NULL DEFAULT 0,
     UNIQUE (series_instance_uid, run)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -114,6 +117,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at          REAL NOT NULL,
     updated_at          REAL NOT NULL,
     delivered_at        REAL,
+    resends             INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job_id, sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
@@ -125,13 +129,25 @@ CREATE TABLE IF NOT EXISTS outbox_jobs (
 );
 """
 
-MIGRATIONS: tuple[tuple[str, str, str], ...] = (("jobs", "failure_stage", "TEXT"),)
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("jobs", "failure_stage", "TEXT"),
+    ("outbox", "resends", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "deferred_since", "REAL"),
+    ("jobs", "deferrals", "INTEGER NOT NULL DEFAULT 0"),
+)
 """Columns added since the first release: (table, column, type), added to an older database at open."""
 
 SERIES_RECEIVING = "receiving"
 """The series has an open run (its job is RECEIVED)."""
 SERIES_PROCESSED = "processed"
 """Its last run was declared complete; new instances start a rerun or are only stored (config)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's "database or disk is full" and for an OSError ENOSPC / EDQUOT."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -179,6 +195,8 @@ def _job(row: sqlite3.Row) -> Job:
         updated_at=float(row["updated_at"]),
         lease_expires_at=row["lease_expires_at"],
         failure_stage=FailureStage(row["failure_stage"]) if row["failure_stage"] else None,
+        deferred_since=row["deferred_since"],
+        deferrals=int(row["deferrals"] or 0),
     )
 
 
@@ -479,6 +497,19 @@ class Database:
         with self.tx() as c:
             return self._move(c, job_id, to, reason, expect=expect, stage=stage, not_before=not_before)
 
+    def defer(self, job_id: int, reason: str, *, not_before: float, since: float) -> bool:
+        """INFERRING -> QUEUED without spending the attempt (the backend was unavailable): the claim's attempt is
+        given back, ``since`` starts the wait unless one is running. One transaction."""
+        with self.tx() as c:
+            if not self._move(c, job_id, JobState.QUEUED, reason, expect=[JobState.INFERRING],
+                              not_before=not_before, attempts="max(0, attempts-1)"):  # fmt: skip
+                return False
+            c.execute(
+                "UPDATE jobs SET deferred_since=coalesce(deferred_since, ?), deferrals=deferrals+1 WHERE id=?",
+                (since, job_id),
+            )
+        return True
+
     def requeue_expired(self, *, all_inferring: bool = False, max_attempts: int | None = None) -> list[int]:
         """INFERRING jobs whose lease lapsed (or all of them, at start-up) go back to QUEUED; those past
         ``max_attempts`` fail instead. Returns the ids moved."""
@@ -515,6 +546,7 @@ class Database:
                 raise ValueError(f"job {job_id}: is {state.value}, only failed, skipped or done jobs can be retried")
             why = f"retry requested (was {state.value}: {row['reason']})"
             self._move(c, job_id, JobState.QUEUED, why, attempts="0")
+            c.execute("UPDATE jobs SET deferred_since=NULL, deferrals=0 WHERE id=?", (job_id,))
             job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job(job)
 
@@ -561,6 +593,9 @@ class ExportRow:
     created_at: float
     updated_at: float
     delivered_at: float | None
+    resends: int
+    """Sends a crash interrupted after they began: the destination may hold this object once more than the
+    deliveries show (delivery is at least once)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ExportRow:
@@ -597,7 +632,9 @@ class ExportStore:
         Returns (rows recovered, every job id with rows)."""
         with transaction(self.conn) as c:
             n = c.execute(
-                "UPDATE outbox SET state='pending', next_attempt_at=?, updated_at=? WHERE state='sending'", (now, now)
+                "UPDATE outbox SET state='pending', next_attempt_at=?, updated_at=?, resends=resends+1 "
+                "WHERE state='sending'",
+                (now, now),
             ).rowcount
             c.execute("UPDATE outbox_jobs SET notified=NULL WHERE notified LIKE 'announcing:%'")
             jobs = [int(r[0]) for r in c.execute("SELECT DISTINCT job_id FROM outbox")]

@@ -113,6 +113,10 @@ class Job:
     """While INFERRING: when the claim lapses and the job goes back to the queue."""
     failure_stage: FailureStage | None = None
     """Where a FAILED job failed; None otherwise."""
+    deferred_since: float | None = None
+    """When the job first found the model backend unavailable in its current wait (None: not waiting)."""
+    deferrals: int = 0
+    """How often it was put back because the backend was unavailable (no attempt spent for those)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +124,14 @@ class JobOutcome:
     """What a processor made of a job. Build with the class methods."""
 
     state: JobState
-    """DONE, EXPORTING, SKIPPED or FAILED."""
+    """DONE, EXPORTING, SKIPPED, FAILED, or QUEUED (deferred)."""
     reason: str | None = None
     retryable: bool = False
     stage: FailureStage | None = None
     """For FAILED: where."""
+    deferred: bool = False
+    """The job could not run because a service it needs (the model backend) is unavailable: back in the queue
+    without spending an attempt, until it is back or ``workers.backend_max_wait_s`` passes."""
 
     @classmethod
     def done(cls, reason: str | None = None) -> JobOutcome:
@@ -141,6 +148,11 @@ class JobOutcome:
     @classmethod
     def failed(cls, reason: str, stage: FailureStage, *, retryable: bool = False) -> JobOutcome:
         return cls(JobState.FAILED, reason, retryable, stage)
+
+    @classmethod
+    def unavailable(cls, reason: str) -> JobOutcome:
+        """The model backend cannot be reached: hold the job (see ``deferred``)."""
+        return cls(JobState.QUEUED, reason, True, FailureStage.INFERENCE, deferred=True)
 
 
 def log_transition(job: Job, to: JobState, reason: str | None, level: int = logging.INFO) -> None:

@@ -27,7 +27,7 @@ from dicom_node import __version__
 from dicom_node.db import Database
 from dicom_node.errors import Rejected
 from dicom_node.export.outbox import JobExportOutcome, Outbox, database_path
-from dicom_node.export.seg_writer import write_seg
+from dicom_node.export.seg_writer import check_referencable, write_seg
 from dicom_node.file_mode import render_config_path
 from dicom_node.inference_runtime import open_backend
 from dicom_node.jobs import FailureStage, Job, JobOutcome, JobState, log_transition
@@ -187,10 +187,12 @@ class SeriesProcessor:
             plan = plan_series(
                 series, list(zip(manifest.instances, headers, strict=True)), self.settings.reconstruction
             )
-        if not plan.frame_of_reference_uid:  # the SEG needs it: refuse before decoding and inference, not after
+        # What the SEG needs of the headers is refused here, before decoding and inference, not after them.
+        if not plan.frame_of_reference_uid:
             return JobOutcome.failed(
                 f"series {series}: no FrameOfReferenceUID (0020,0052): a SEG cannot be placed on it", FailureStage.INPUT
             )
+        check_referencable([(f.instance.record.path, f.header.frame_number) for f in plan.frames])
         parts: dict[str, float] = {}
         volume = build_volume(
             manifest.study_instance_uid, series, plan, self.settings.reconstruction,
@@ -204,14 +206,14 @@ class SeriesProcessor:
         try:
             backend = self.backend.get()
         except BackendUnavailable as exc:
-            return JobOutcome.failed(f"inference backend unavailable: {exc}", FailureStage.INFERENCE, retryable=True)
+            return JobOutcome.unavailable(f"inference backend unavailable: {exc}")
         except InferenceError as exc:
             return JobOutcome.failed(f"inference backend unusable: {exc}", FailureStage.INFERENCE)
         try:
             result = segment(volume.image, self.spec, backend)
         except BackendUnavailable as exc:
             self.backend.invalidate(backend, str(exc))
-            return JobOutcome.failed(f"inference failed: {exc}", FailureStage.INFERENCE, retryable=True)
+            return JobOutcome.unavailable(f"inference backend lost during the job: {exc}")
         except InferenceError as exc:
             return JobOutcome.failed(f"series {series}: inference failed: {exc}", FailureStage.INFERENCE)
         for name, seconds in result.timings.items():
@@ -229,10 +231,15 @@ class SeriesProcessor:
                     seg=self.settings.seg,
                     out_path=out_dir / "seg.dcm",
                 )
+            with timings.stage("publish"):
+                self._publish(job, volume, result.label)
         except Rejected as exc:
             return JobOutcome.failed(str(exc), FailureStage.OUTPUT)
-        with timings.stage("publish"):
-            self._publish(job, volume, result.label)
+        except OSError as exc:  # a full or failing disk: the same work may succeed once it has room again
+            where = exc.filename or out_dir
+            return JobOutcome.failed(
+                f"cannot write the results to {where}: {exc.strerror or exc}", FailureStage.OUTPUT, retryable=True
+            )
         self._log_result(job, volume, artifact, timings)
 
         if not self.settings.destinations:

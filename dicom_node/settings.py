@@ -8,7 +8,9 @@ Environment variables override the file for containers: ``DICOM_NODE__NODE__AE_T
 ``node.ae_title``; the value is parsed as YAML, so ``DICOM_NODE__STORAGE__FSYNC=false`` is a boolean.
 
 Relative paths in the file are resolved against the file's own directory, so a config and the folders it names
-can move together; with no file they are resolved against the working directory.
+can move together; with no file they are resolved against the working directory. The model spec and the model
+repository, when the file leaves them out, are the bundled ones of the installation (:data:`INSTALL_ROOT`),
+wherever the file lives.
 """
 
 from __future__ import annotations
@@ -141,10 +143,18 @@ class OnnxRuntimeSection(_Section):
     """0: ONNX Runtime's default (one per physical core)."""
 
 
+INSTALL_ROOT = Path(__file__).resolve().parent.parent
+"""The installation's own folder (the checkout ``make install`` installs from): it holds the bundled model spec
+(``config/``) and Triton model repository (``models/``)."""
+
+
 class InferenceSection(_Section):
     backend: Literal["triton", "onnxruntime"] = "triton"
     config: Path = Path("config/config_inference.json")
+    """The model spec. Left out of node.yaml: the bundled one, under the installation's folder, wherever node.yaml
+    lives; written in node.yaml as a relative path: relative to node.yaml's folder."""
     model_repository: Path = Path("models")
+    """The Triton model repository (ONNX Runtime reads the same file); resolved as ``config`` is."""
     triton: TritonSection = TritonSection()
     onnxruntime: OnnxRuntimeSection = OnnxRuntimeSection()
 
@@ -177,7 +187,11 @@ class WorkersSection(_Section):
     lease_seconds: float = Field(1800.0, gt=0)
     """A claimed job whose worker vanished (crash) goes back to the queue after this long."""
     backoff: BackoffPolicy = BackoffPolicy(initial_s=10.0, max_s=600.0)
-    """Wait before a retryable failure of a job runs again."""
+    """Wait before a retryable failure of a job runs again, and between looks at an unavailable backend."""
+    backend_max_wait_s: float = Field(3600.0, gt=0)
+    """A job that finds the model backend unavailable (Triton down or unreachable) waits in the queue, spending
+    no attempt, for at most this long; then it fails naming the backend. A backend that answers but refuses the
+    work (wrong model, shapes) fails the job at once."""
 
 
 class Destination(_Section):
@@ -253,18 +267,22 @@ class Settings(_Section):
             seen.add(key)
         return value
 
-    def resolve_paths(self, base: Path) -> Settings:
-        """Return a copy whose relative paths are anchored at ``base``."""
+    def resolve_paths(self, base: Path, bundled: Path = INSTALL_ROOT) -> Settings:
+        """Return a copy whose relative paths are anchored at ``base`` (the config file's folder), except the model
+        spec and repository left at their defaults, which name the bundled ones under ``bundled``."""
 
-        def anchor(p: Path | None) -> Path | None:
+        def anchor(p: Path | None, root: Path = base) -> Path | None:
             if p is None:
                 return None
-            return p if p.is_absolute() else (base / p).resolve()
+            return p if p.is_absolute() else (root / p).resolve()
 
+        given = self.inference.model_fields_set
         inference = self.inference.model_copy(
             update={
-                "config": anchor(self.inference.config),
-                "model_repository": anchor(self.inference.model_repository),
+                "config": anchor(self.inference.config, base if "config" in given else bundled),
+                "model_repository": anchor(
+                    self.inference.model_repository, base if "model_repository" in given else bundled
+                ),
             }
         )
         return self.model_copy(

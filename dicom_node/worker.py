@@ -19,6 +19,7 @@ anything else (``Transient``, bugs). The lease is renewed while the processor ru
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from typing import Protocol
@@ -135,8 +136,31 @@ class WorkerPool:
             renew_stop.set()
             with self._busy_lock:
                 self._busy -= 1
-        self.record(job, outcome)
+        self._record_durably(job, outcome)
         return True
+
+    RECORD_RETRY_S = 2.0
+    """How often a worker tries again to record an outcome the database refused (a full disk)."""
+
+    def _record_durably(self, job: Job, outcome: JobOutcome) -> None:
+        """Record the outcome; when the database cannot take it (disk full), put the job back in the queue with
+        the backoff instead, trying until one of the two is stored, so the job never waits for its lease."""
+        try:
+            self.record(job, outcome)
+            return
+        except (sqlite3.Error, OSError) as exc:
+            log.error(f"job {job.id}: cannot record outcome {outcome.state.value}: {exc}", extra={"job_id": job.id})
+        reason = f"attempt {job.attempts}: the state database could not record the outcome ({outcome.reason})"
+        while not self._stop.is_set():
+            try:
+                wait = self.settings.workers.backoff.delay(job.attempts)
+                if self.db.transition(job.id, JobState.QUEUED, f"{reason}; retry in {wait:g} s",
+                                      expect=[JobState.INFERRING], not_before=time.time() + wait):  # fmt: skip
+                    log_transition(job, JobState.QUEUED, reason, logging.WARNING)
+                return
+            except (sqlite3.Error, OSError) as exc:
+                log.warning(f"job {job.id}: cannot re-queue either, trying again: {exc}", extra={"job_id": job.id})
+            self._stop.wait(self.RECORD_RETRY_S)
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self.settings.workers.lease_seconds
@@ -158,10 +182,34 @@ class WorkerPool:
             log.exception("job processor raised", extra={"job_id": job.id})
             return JobOutcome.failed(f"{type(exc).__name__}: {exc}", FailureStage.INTERNAL, retryable=True)
 
+    def _defer(self, job: Job, outcome: JobOutcome) -> None:
+        """Hold a job whose backend is unavailable: back in the queue with the backoff, its attempt given back,
+        until ``workers.backend_max_wait_s`` has passed since it first found the backend down."""
+        wk = self.settings.workers
+        now = time.time()
+        since = job.deferred_since if job.deferred_since is not None else now
+        waited = now - since
+        if waited >= wk.backend_max_wait_s:
+            reason = (
+                f"{outcome.reason}; still unavailable after waiting {waited:.0f} s "
+                f"(workers.backend_max_wait_s={wk.backend_max_wait_s:g})"
+            )
+            if self.db.transition(job.id, JobState.FAILED, reason, expect=[JobState.INFERRING],
+                                  stage=FailureStage.INFERENCE):  # fmt: skip
+                log_transition(job, JobState.FAILED, reason, logging.WARNING)
+            return
+        wait = min(wk.backoff.delay(job.deferrals + 1), max(0.0, wk.backend_max_wait_s - waited))
+        msg = f"waiting for the inference backend (no attempt spent; look again in {wait:g} s): {outcome.reason}"
+        if self.db.defer(job.id, msg, not_before=now + wait, since=since):
+            log_transition(job, JobState.QUEUED, msg, logging.WARNING)
+
     def record(self, job: Job, outcome: JobOutcome) -> None:
         """The outcome as one transition of the job (a retryable failure back to the queue after a backoff)."""
         wk = self.settings.workers
         expect = [JobState.INFERRING]
+        if outcome.deferred:
+            self._defer(job, outcome)
+            return
         if outcome.state is JobState.FAILED and outcome.retryable and job.attempts < wk.max_attempts:
             wait = wk.backoff.delay(job.attempts)
             msg = f"attempt {job.attempts} failed, retry in {wait:g} s: {outcome.reason}"

@@ -96,13 +96,15 @@ def storescp(out_dir: Path, port: int | None = None) -> Iterator[StoreSCP]:
 
 @dataclass
 class StatusSCP:
-    """A pynetdicom storage SCP that answers every C-STORE with ``status`` and counts the requests."""
+    """A pynetdicom storage SCP that answers every C-STORE with ``status`` and counts the requests; with
+    ``delay_s``, each answer comes that long after the request (a slow archive)."""
 
     status: int
     port: int = field(default_factory=free_port)
     ae_title: str = "STATUSSCP"
     received: list[str] = field(default_factory=list)
     server: Any = None
+    delay_s: float = 0.0
 
     def start(self) -> StatusSCP:
         ae = AE(ae_title=self.ae_title)
@@ -112,6 +114,8 @@ class StatusSCP:
         def handle(event: Any) -> int:
             with lock:
                 self.received.append(str(event.request.AffectedSOPInstanceUID))
+            if self.delay_s:
+                time.sleep(self.delay_s)
             return self.status
 
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])

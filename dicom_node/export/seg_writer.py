@@ -191,6 +191,14 @@ def _repair_copied_patient_module(ds: Dataset) -> None:
         ds.DeidentificationMethod = "Not stated in the source images"
 
 
+def check_referencable(frames: Sequence[tuple[Path, int | None]]) -> None:
+    """What the SEG writer can reference, decided from the source frames alone (path, frame number), so a job
+    can refuse a series before decoding it: single-frame instances, or the frames of one multi-frame instance."""
+    multi = [f for f in frames if f[1] is not None]
+    if multi and (len(multi) != len(frames) or len({path for path, _ in frames}) != 1):
+        raise Rejected("SEG: sources mix single-frame and multi-frame instances, or span several multi-frame ones")
+
+
 def write_seg(
     volume: CTVolume,
     label: sitk.Image,
@@ -246,9 +254,8 @@ def write_seg(
             masks[k] = sampler.sample(p)
     t_masks = time.perf_counter()
 
+    check_referencable([(s.path, s.frame_number) for s in volume.sources])
     multi = [s for s in volume.sources if s.frame_number is not None]
-    if multi and (len(multi) != len(volume.sources) or len({s.path for s in volume.sources}) != 1):
-        raise Rejected("SEG: sources mix single-frame and multi-frame instances, or span several multi-frame ones")
 
     if multi:
         ds = volume.sources[0].header

@@ -48,6 +48,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -55,7 +56,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node import __version__
-from dicom_node.db import Database
+from dicom_node.db import Database, is_disk_full
 from dicom_node.receive.spool import DiskFull, Spool
 from dicom_node.series.headers import InstanceUIDs, clean_uid, header_facts, instance_uids
 from dicom_node.settings import Settings
@@ -136,6 +137,26 @@ def install_fast_reactors() -> None:
     pynetdicom.dul.time = REACTOR_CLOCK  # type: ignore[assignment,attr-defined]
 
 
+def _tolerant_uid(value: str) -> tuple[bool, str]:
+    """pynetdicom's UI validator, except that a UID longer than 64 characters passes. pynetdicom checks the
+    command's Affected SOP Instance UID while decoding a C-STORE request and drops the association (no response)
+    when it fails; let through, the request reaches :meth:`StorageSCP._store`, which refuses the instance with
+    0xA900, an ErrorComment and a recorded refusal, and keeps the association."""
+    ok, reason = _DEFAULT_UI_VALIDATOR(value)
+    if not ok and len(value) > 64 and not value.strip("0123456789."):
+        return True, ""
+    return ok, reason
+
+
+_DEFAULT_UI_VALIDATOR = pynetdicom_config.VALIDATORS["UI"]
+
+
+def install_tolerant_uid_validation() -> None:
+    """Make pynetdicom accept over-long UIDs in DIMSE commands (idempotent, process-wide: pynetdicom keeps its
+    validators in one module-level table). The node still refuses such instances, itself."""
+    pynetdicom_config.VALIDATORS["UI"] = _tolerant_uid
+
+
 class Refused(Exception):
     """The instance cannot be stored; ``status`` goes back to the sender with the message as ErrorComment."""
 
@@ -152,8 +173,20 @@ class Header:
     facts: HeaderFacts
 
 
-def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
-    return bool(tag.group >= _PIXEL_GROUP)
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+class _StopAtPixels:
+    """``stop_when`` for pydicom's element reader: stop at the pixel data group, noting the Pixel Data element's
+    declared length (0xFFFFFFFF: encapsulated) without reading its value."""
+
+    def __init__(self) -> None:
+        self.pixel_data_length: int | None = None
+
+    def __call__(self, tag: Any, vr: Any, length: int) -> bool:
+        if tag == PIXEL_DATA:
+            self.pixel_data_length = int(length)
+        return bool(tag.group >= _PIXEL_GROUP)
 
 
 class _StrictReader(io.BytesIO):
@@ -168,7 +201,8 @@ class _StrictReader(io.BytesIO):
 
 
 def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
-    """Parse the elements before the pixel data of an encoded dataset; raise ValueError when unreadable."""
+    """Parse the elements before the pixel data of an encoded dataset; raise ValueError when unreadable, or when
+    it has a Pixel Data element of length 0 (an image that can never be reconstructed)."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         try:
             data = zlib.decompress(data, -zlib.MAX_WBITS)
@@ -177,8 +211,9 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     fp = _StrictReader(data)
+    stop = _StopAtPixels()
     try:
-        raw = {e.tag: e for e in data_element_generator(fp, implicit, little, stop_when=_stop_at_pixels)}
+        raw = {e.tag: e for e in data_element_generator(fp, implicit, little, stop_when=stop)}
         ds = Dataset(raw)
         for tag in _HEADER_TAGS:  # force the values we use to be converted now, inside the try
             if tag in ds:
@@ -187,7 +222,13 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
         raise ValueError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
     if len(ds) == 0:
         raise ValueError("dataset is empty or cannot be parsed")
+    if stop.pixel_data_length == 0:
+        raise EmptyPixelData("Pixel Data (7FE0,0010) is empty: an image without pixels cannot be reconstructed")
     return ds
+
+
+class EmptyPixelData(ValueError):
+    """The dataset is readable but its Pixel Data element holds nothing."""
 
 
 def read_header(data: bytes, transfer_syntax: str, cmd_class: str, cmd_instance: str) -> Header:
@@ -195,6 +236,8 @@ def read_header(data: bytes, transfer_syntax: str, cmd_class: str, cmd_instance:
     :class:`Refused` with the reason."""
     try:
         ds = parse_header(data, transfer_syntax)
+    except EmptyPixelData as exc:
+        raise Refused(STATUS_DATASET_MISMATCH, str(exc)) from exc
     except ValueError as exc:
         raise Refused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
     uids = instance_uids(ds, sop_class_uid=cmd_class, sop_instance_uid=cmd_instance)
@@ -274,6 +317,7 @@ class StorageSCP:
         self._server: Any = None
         self._accepting = True
         install_fast_reactors()
+        install_tolerant_uid_validation()
         self.ae = self._build_ae()
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -526,11 +570,14 @@ class StorageSCP:
             return self._refuse(st, Refused(STATUS_OUT_OF_RESOURCES, reason, quarantine=False), None, None,
                                 header.uids.sop_instance_uid)  # fmt: skip
         except Exception as exc:
-            log.exception(
-                "cannot record instance", extra={"association": st.id, "sop_uid": header.uids.sop_instance_uid}
+            full = is_disk_full(exc)
+            (log.error if full else log.exception)(
+                f"cannot record instance: {exc}",
+                extra={"association": st.id, "sop_uid": header.uids.sop_instance_uid},
             )
             reason = f"cannot record: {type(exc).__name__}: {exc}"
-            return self._refuse(st, Refused(STATUS_PROCESSING_FAILURE, reason, quarantine=False), None, None,
+            status = STATUS_OUT_OF_RESOURCES if full else STATUS_PROCESSING_FAILURE
+            return self._refuse(st, Refused(status, reason, quarantine=False), None, None,
                                 header.uids.sop_instance_uid)  # fmt: skip
         if stored.previous_path is not None and self.spool.contains(stored.previous_path):
             stored.previous_path.unlink(missing_ok=True)

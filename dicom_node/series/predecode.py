@@ -17,6 +17,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,8 +38,24 @@ DECODER_NICENESS = 10
 """Decoding ahead is a head start, never worth slowing a sender: the decoder processes yield the CPU."""
 
 
+PARENT_CHECK_S = 0.5
+"""How often a decoder process looks whether the node that started it is still its parent."""
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this decoder process once its node is gone, however the node died (kill -9 included): the process is
+    then re-parented, and nothing would ever tell it to stop. (A parent-death signal would fire when the thread
+    that spawned the process ends, not the node, so the process watches its parent itself.)"""
+    while True:
+        time.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def _decoder_process_init() -> None:
-    """Lower the worker process's priority and import the decoders before the first series arrives."""
+    """Tie the worker process's life to the node's, lower its priority, and import the decoders before the
+    first series arrives."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     with contextlib.suppress(OSError):
         os.nice(DECODER_NICENESS)
     import pydicom.pixels  # noqa: F401

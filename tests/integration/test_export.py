@@ -3,7 +3,9 @@ chosen statuses."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -206,8 +208,9 @@ def test_restart_while_pending_delivers_after_restart(series_and_seg, tmp_path: 
             time.sleep(0.05)
         assert first.rows(9)[0].state == "pending"  # failed once, next attempt a minute away
     # a crash mid-send leaves the row in 'sending'
-    conn = first._thread_conn()
-    conn.execute("UPDATE outbox SET state='sending', next_attempt_at=next_attempt_at WHERE job_id=9")
+    conn = sqlite3.connect(first.db_path)
+    with conn:
+        conn.execute("UPDATE outbox SET state='sending', next_attempt_at=next_attempt_at WHERE job_id=9")
     conn.close()
     settled = Settled()
     with storescp(tmp_path / "in", port=port) as scp:
@@ -215,7 +218,8 @@ def test_restart_while_pending_delivers_after_restart(series_and_seg, tmp_path: 
         with second:
             # sending -> pending at start, but its next attempt is still the backoff away: make it due now,
             # as a restart after that minute would find it
-            second._conn.execute("UPDATE outbox SET next_attempt_at=0 WHERE job_id=9")
+            with contextlib.closing(sqlite3.connect(second.db_path)) as c, c:
+                c.execute("UPDATE outbox SET next_attempt_at=0 WHERE job_id=9")
             second._notify()
             outcome = settled.wait(30)
         assert outcome.state == "delivered"

@@ -241,8 +241,17 @@ def test_bad_objects_refused_with_reason(tmp_path: Path, shared_data: Path) -> N
                     or p.is_relative_to((storage / "spool").resolve())
                     or (p.is_relative_to((storage / "quarantine").resolve()))
                 ), p
+
+        # 5. Valid UIDs, Pixel Data of length 0 (issue 16, F4): refused at C-STORE, never a job failing later.
+        ds = pydicom.dcmread(good.files[0])
+        ds.PixelData = b""
+        scu = SCU(node.port, transfer_syntaxes=[ds.file_meta.TransferSyntaxUID])
+        assert scu.send(ds) == 0xA900
+        scu.release()
+        assert "Pixel Data (7FE0,0010) is empty" in events(node, "instance_refused")[-1]["reason"]
         assert node.db is not None
         assert node.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 0
+        assert not node.db.jobs()
         assert echoscu(node.port)
 
 
