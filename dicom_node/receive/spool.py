@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dicom_node.errors import Transient
+from dicom_node.reserve import DiskReserve
 from inference.atomic import TMP_PREFIX, fsync_dir, write_atomic
 
 UID_GRAMMAR = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -49,12 +50,15 @@ def uid_key(uid: str) -> str:
 class Spool:
     """Writes and finds instance files; thread-safe."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0, reserve: DiskReserve | None = None
+    ) -> None:
         self.root = root
         self.spool_dir = root / "spool"
         self.quarantine_dir = root / "quarantine"
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
+        self.reserve = reserve
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
@@ -99,7 +103,13 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def check_space(self, incoming: int) -> None:
-        """Raise :class:`DiskFull` when storing ``incoming`` more bytes would go below the threshold."""
+        """Raise :class:`DiskFull` when storing ``incoming`` more bytes would go below the threshold, or while the
+        disk reserve is given up to the state database (the disk filled)."""
+        if self.reserve is not None and not self.reserve.held:
+            raise DiskFull(
+                f"storage {self.root}: the disk is full ({self.free_bytes()} bytes free; its reserve is in use by "
+                "the state database)"
+            )
         if self.min_free_bytes <= 0:
             return
         now = time.monotonic()

@@ -46,16 +46,16 @@ def _exit_with_parent(parent: int) -> None:
     """End this decoder process once its node is gone, however the node died (kill -9 included): the process is
     then re-parented, and nothing would ever tell it to stop. (A parent-death signal would fire when the thread
     that spawned the process ends, not the node, so the process watches its parent itself.)"""
-    while True:
+    while os.getppid() == parent:
         time.sleep(PARENT_CHECK_S)
-        if os.getppid() != parent:
-            os._exit(0)
+    os._exit(0)
 
 
-def _decoder_process_init() -> None:
-    """Tie the worker process's life to the node's, lower its priority, and import the decoders before the
+def _decoder_process_init(parent: int) -> None:
+    """Tie the worker process's life to the node's (``parent``, passed by the node: a process that starts after
+    the node died would otherwise watch its new parent), lower its priority, and import the decoders before the
     first series arrives."""
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     with contextlib.suppress(OSError):
         os.nice(DECODER_NICENESS)
     import pydicom.pixels  # noqa: F401
@@ -108,7 +108,10 @@ class PreDecoder:
             # spawn, not fork: the node's process runs threads (associations, workers), which fork would copy
             # mid-flight.
             self._procs = ProcessPoolExecutor(
-                max_workers=processes, mp_context=mp.get_context("spawn"), initializer=_decoder_process_init
+                max_workers=processes,
+                mp_context=mp.get_context("spawn"),
+                initializer=_decoder_process_init,
+                initargs=(os.getpid(),),
             )
             for _ in range(processes):  # start now, not when the first series arrives
                 self._procs.submit(os.getpid)
