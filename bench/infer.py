@@ -6,6 +6,12 @@ restore, write; peak RSS; and the ratio (total - model compute) / model compute 
 memory against 4 x the float32 resampled volume plus the model's own working set.
 
     python bench/infer.py [--backend onnxruntime|triton] [--cases lung1,big] [--model PATH.onnx]
+    python bench/infer.py --chests [--backend ...]     # windows only where the lungs are, on the seven real CTs
+
+Each case runs twice, with the bundled ``inferer.windows: lung_fields`` (windows over the lung fields only) and with
+``all`` (today's whole grid), and prints windows total / run and model compute for both (issue 20). ``--chests``
+runs the seven real chest CTs of ../shared/data both ways, clean and with ground glass inserted by the training
+simulator, and prints the windows, the model compute and the agreement (Dice) of the two.
 
 The model is the committed models/segmentation_ct_covid_lesion_v1/1/model.onnx when there is one, else a
 random-weight SegResNet of the same architecture exported by tests/model_export.py (needs torch + MONAI): the cost
@@ -86,7 +92,16 @@ def _model_repository(model: Path | None) -> Path:
     return repo
 
 
-def run_case(input_file: Path, backend_name: str, repo: Path) -> dict[str, object]:
+def _spec_with_windows(mode: str):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from inference.spec import load_spec
+
+    spec = load_spec(REPO / "config" / "config_inference.json")
+    return dataclasses.replace(spec, inferer=dataclasses.replace(spec.inferer, windows=mode))
+
+
+def run_case(input_file: Path, backend_name: str, repo: Path, windows: str = "lung_fields") -> dict[str, object]:
     """One case in this process: returns timings and memory figures."""
     import numpy as np
 
@@ -96,7 +111,8 @@ def run_case(input_file: Path, backend_name: str, repo: Path) -> dict[str, objec
     from inference.volume_io import read_volume
     from inference.writers import write_label
 
-    spec = load_spec(REPO / "config" / "config_inference.json")
+    spec = _spec_with_windows(windows)
+    assert load_spec  # the bundled spec, with inferer.windows set for this run
     settings = load_settings(None).model_copy(
         update={
             "inference": load_settings(None).inference.model_copy(
@@ -143,6 +159,8 @@ def run_case(input_file: Path, backend_name: str, repo: Path) -> dict[str, objec
         "size": list(volume.image.GetSize()),
         "model_grid": [nx, ny, nz],
         "windows": result.windows,
+        "windows_run": result.windows_run,
+        "windows_mode": windows,
         "stages": stages,
         "segment_wall": t_segment,
         "total": total,
@@ -160,7 +178,8 @@ def _report(name: str, r: dict[str, object]) -> bool:
     ratio = (total - model) / model
     print(
         f"\n== {name}: {' x '.join(map(str, r['size']))} -> model grid "  # type: ignore[arg-type]
-        f"{' x '.join(map(str, r['model_grid']))}, {r['windows']} windows"
+        f"{' x '.join(map(str, r['model_grid']))}, windows {r['windows_mode']}: {r['windows_run']} run of "
+        f"{r['windows']} on the whole grid"
     )  # type: ignore[arg-type]
     for stage in STAGES:
         print(f"  {stage:<14}{stages.get(stage, 0.0):9.3f} s")
@@ -189,34 +208,130 @@ def main() -> int:
     parser.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime")
     parser.add_argument("--cases", default="lung1,big")
     parser.add_argument("--model", type=Path, default=None, help="an ONNX file to benchmark instead")
-    parser.add_argument("--child", nargs=2, metavar=("INPUT", "REPO"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("INPUT", "REPO", "WINDOWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--chests", action="store_true", help="windows and agreement on the seven real chest CTs")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_case(Path(args.child[0]), args.backend, Path(args.child[1]))))
+        result = run_case(Path(args.child[0]), args.backend, Path(args.child[1]), args.child[2])
+        print("RESULT " + json.dumps(result))
         return 0
     OUT.mkdir(parents=True, exist_ok=True)
-    inputs = _prepare_inputs()
     repo = _model_repository(args.model)
     print(f"backend {args.backend}, model {repo}, {os.cpu_count()} CPUs")
+    if args.chests:
+        return chests(args.backend, repo)
+    inputs = _prepare_inputs()
     ok = True
     for name in args.cases.split(","):
-        # A fresh process per case: peak RSS is per process.
-        proc = subprocess.run(
-            [sys.executable, __file__, "--backend", args.backend, "--child", str(inputs[name]), str(repo)],
-            capture_output=True,
-            text=True,
-            check=False,
+        runs = {}
+        for windows in ("lung_fields", "all"):
+            # A fresh process per case: peak RSS is per process.
+            proc = subprocess.run(
+                [sys.executable, __file__, "--backend", args.backend, "--child", str(inputs[name]), str(repo), windows],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stdout + proc.stderr, file=sys.stderr)
+                return 1
+            runs[windows] = json.loads(line[len("RESULT ") :])
+            ok = _report(f"{name} (windows {windows})", runs[windows]) and ok
+            if args.json:
+                print(json.dumps(runs[windows]))
+        skip, full = runs["lung_fields"], runs["all"]
+        print(
+            f"  {name}: windows {skip['windows_run']} / {full['windows_run']} run, model compute "
+            f"{skip['stages']['model_compute']:.1f} s / {full['stages']['model_compute']:.1f} s "
+            f"(lung fields only / whole grid)"
         )
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout + proc.stderr, file=sys.stderr)
-            return 1
-        result = json.loads(line[len("RESULT ") :])
-        ok = _report(name, result) and ok
-        if args.json:
-            print(json.dumps(result))
     return 0 if ok else 3
+
+
+CHESTS = (
+    "chest_ct_volumes/lung1_image.nrrd",
+    "chest_ct_volumes/lung2_image.nrrd",
+    "chest_ct_lidc/lidc_idri_0028.nrrd",
+    "chest_ct_lidc/lidc_idri_0295.nrrd",
+    "chest_ct_lidc/lidc_idri_0306.nrrd",
+    "chest_ct_lidc/lidc_idri_0350.nrrd",
+    "ct_lidc_0001_jpegls/ct",
+)
+
+
+def chests(backend_name: str, repo: Path) -> int:
+    """Windows over the lung fields against the whole grid on every real chest CT: counts, model compute and the
+    agreement of the labels (Dice), on the scan as it is and with ground glass inserted (seed 2020, which training
+    never drew), whose lesions give the comparison something to agree on."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dicom_node.inference_runtime import open_backend
+    from dicom_node.settings import load_settings
+    from inference.pipeline import segment
+
+    sys.path.insert(0, str(REPO / "models" / "training"))
+    import simulate
+
+    data = REPO.parent / "shared" / "data"
+    settings = load_settings(None)
+    settings = settings.model_copy(
+        update={"inference": settings.inference.model_copy(update={"model_repository": repo})}
+    )
+    full_spec, skip_spec = _spec_with_windows("all"), _spec_with_windows("lung_fields")
+    totals = {"all": 0, "lung_fields": 0}
+    rows = []
+    with open_backend(settings, skip_spec, backend_name) as backend:
+        for rel in CHESTS:
+            path = data / rel
+            if path.is_dir():
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+                image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+            else:
+                image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+            hu = sitk.GetArrayFromImage(image)
+            sp = image.GetSpacing()
+            hu2, _lab, _les = simulate.insert_ggo(
+                hu, sp, np.random.default_rng([2020, 0]), 6, lung=simulate.lung_mask(hu, sp)
+            )
+            with_ggo = sitk.GetImageFromArray(hu2.astype(np.float32))
+            with_ggo.CopyInformation(image)
+            row: dict[str, object] = {"volume": path.name}
+            for label, img in (("clean", image), ("ggo", with_ggo)):
+                full = segment(img, full_spec, backend)
+                skip = segment(img, skip_spec, backend)
+                a, b = sitk.GetArrayViewFromImage(full.label) > 0, sitk.GetArrayViewFromImage(skip.label) > 0
+                dice = 1.0 if not (a.sum() + b.sum()) else 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+                ml = float(np.prod(sp)) / 1000.0
+                row[label] = {
+                    "windows": [skip.windows_run, full.windows_run],
+                    "model_s": [round(skip.timings["model_compute"], 1), round(full.timings["model_compute"], 1)],
+                    "ml": [round(float(b.sum()) * ml, 2), round(float(a.sum()) * ml, 2)],
+                    "dice": round(dice, 4),
+                }
+                if label == "clean":
+                    totals["all"] += full.windows_run
+                    totals["lung_fields"] += skip.windows_run
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    columns = f"{'windows':>10}{'model s':>14}{'Dice clean':>12}{'mL clean':>14}{'Dice GGO':>10}{'mL GGO':>16}"
+    print(f"\n{'volume':<22}{columns}")
+    for row in rows:
+        c, g = row["clean"], row["ggo"]  # type: ignore[index]
+        print(
+            f"{row['volume']:<22}{c['windows'][0]:>4} / {c['windows'][1]:<4}"  # type: ignore[index]
+            f"{c['model_s'][0]:>6.1f} / {c['model_s'][1]:<6.1f}{c['dice']:>10.4f}"  # type: ignore[index]
+            f"{c['ml'][0]:>7.2f} / {c['ml'][1]:<6.2f}{g['dice']:>8.4f}{g['ml'][0]:>8.2f} / {g['ml'][1]:<6.2f}"  # type: ignore[index]
+        )
+    ratio = totals["all"] / max(1, totals["lung_fields"])
+    print(
+        f"windows over the seven: {totals['lung_fields']} run of {totals['all']} ({ratio:.2f} x fewer; target "
+        f">= 1.5 x: {'met' if ratio >= 1.5 else 'NOT met'}); columns: lung fields only / whole grid"
+    )
+    return 0
 
 
 if __name__ == "__main__":

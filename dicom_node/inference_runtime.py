@@ -79,9 +79,33 @@ def open_backend(settings: Settings, spec: InferenceSpec, backend_name: str | No
         yield backend
 
 
+def _triton_fleet(triton: TritonSection, spec: InferenceSpec) -> Backend:
+    """``inference.triton.urls``: one backend over several servers. The node starts none of them; an endpoint's
+    own retries are off, since trying another endpoint is the retry."""
+    from inference.triton_backend import TritonBackend
+    from inference.triton_fleet import TritonFleet
+
+    endpoints = [
+        TritonBackend(
+            spec,
+            url,
+            protocol=triton.protocol,
+            request_timeout_s=triton.request_timeout_s,
+            retries=0,
+            max_in_flight=triton.max_in_flight,
+            shared_memory=triton.shared_memory,
+        )
+        for url in dict.fromkeys(triton.urls)
+    ]
+    log.info("Triton fleet of %d endpoint(s): %s", len(endpoints), ", ".join(e.url for e in endpoints))
+    return TritonFleet(endpoints)
+
+
 def _triton_backend(triton: TritonSection, spec: InferenceSpec, stack: ExitStack, repository: Path) -> Backend:
     from inference.triton_backend import TritonBackend, normalize_url, server_error
 
+    if triton.urls:
+        return _triton_fleet(triton, spec)
     url = normalize_url(triton.url)
     error = server_error(url, triton.protocol, min(PROBE_TIMEOUT_S, triton.request_timeout_s))
     if error is not None:

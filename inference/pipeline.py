@@ -25,8 +25,15 @@ import SimpleITK as sitk
 
 from inference.backend import Backend
 from inference.errors import ModelMismatch, SpecError
-from inference.lung_fields import block_air, blocks_lung_fields, clear_outside
-from inference.sliding_window import FloatArray, StageTimer, sliding_window_inference
+from inference.lung_fields import (
+    BoolArray,
+    block_air,
+    blocks_image,
+    blocks_lung_core,
+    clear_outside,
+    grow_blocks,
+)
+from inference.sliding_window import FloatArray, StageTimer, WindowFilter, sliding_window_inference, window_slices
 from inference.spec import InferenceSpec
 from inference.transforms import label_image_on_grid, normalise_intensity, resample_to_spacing, restore_labels
 
@@ -43,6 +50,13 @@ class SegmentationResult:
     model_grid_size: tuple[int, int, int] = (0, 0, 0)
     """(x, y, z) size of the resampled volume the network saw."""
     windows: int = 0
+    """Windows of ROI size that tile the whole model grid (``windows_total`` of the job's result)."""
+    windows_run: int = 0
+    """Windows the backend actually ran: fewer than ``windows`` with ``inferer.windows: lung_fields``."""
+    lung_mask: sitk.Image | None = None
+    """The lungs (uint8, 1 = lung: the lung fields before their margin, see ``inference.lung_fields``) on that
+    step's grid of in-plane blocks, in the input's patient space; None when the spec has no ``lung_fields``.
+    What the burden numbers (``inference.burden``) measure as the lungs."""
 
 
 _XYZ_FROM_ZYX = (2, 1, 0)
@@ -94,9 +108,14 @@ def segment(
         del view
     lung_spec = spec.post.lung_fields
     lung_air = None
-    if lung_spec is not None:  # thresholded blocks now (1 byte a block); the rest after inference
+    core: BoolArray | None = None
+    fields: BoolArray | None = None
+    if lung_spec is not None:  # thresholded blocks now (1 byte a block); the rest after inference unless needed
         with timer.stage("lung_fields"):
             lung_air = block_air(resampled, lung_spec)
+            if spec.inferer.windows == "lung_fields":  # the windows go only where the lung fields are
+                core = blocks_lung_core(lung_air[0], lung_spec)
+                fields = grow_blocks(core, lung_air[0].GetSpacing(), lung_spec)
     del resampled
 
     in_layout, out_layout = spec.model.input.layout, spec.model.output.layout
@@ -126,8 +145,20 @@ def segment(
     softmax2 = spec.post.activation == "softmax" and expected_channels == 2
     sigmoid = spec.post.activation == "sigmoid"
     roi_zyx = tuple(reversed(spec.inferer.roi_size))
+    region: tuple[slice, ...] = tuple(slice(0, n) for n in volume.shape)
+    keep: WindowFilter | None = None
+    windows_total = _count_windows(model_size, spec)
+    windows_run = windows_total
+    if fields is not None and lung_air is not None:
+        box = lung_box(fields, lung_air[1], volume.shape, roi_zyx)
+        if box is None:  # no lung fields at all: every label would be cleared, so no window is worth running
+            return _no_lungs(image, grid, timer, model_size, spec, core, lung_air[0])
+        touching = _touching(fields, lung_air[1], box)
+        inside = sum(touching(w) for w in _box_windows(box, roi_zyx, spec.inferer.overlap))
+        if inside < windows_total:  # else the whole grid, whose windows are today's: the same labels exactly
+            region, keep, windows_run = box, touching, inside
     blended = sliding_window_inference(
-        volume[None],
+        volume[None][(slice(None), *region)],
         roi_zyx,
         predictor,
         overlap=spec.inferer.overlap,
@@ -140,7 +171,9 @@ def segment(
         normalize=sigmoid,
         window_axes=_XYZ_FROM_ZYX if in_layout == "NCXYZ" else None,
         timer=timer,
+        keep=keep,
     )
+    full_shape = volume.shape
     del volume
 
     with timer.stage("labels"):
@@ -158,11 +191,20 @@ def segment(
         else:
             labels = channel_labels[np.argmax(blended, axis=0)]
         del blended
+        if keep is not None:  # the windows covered the lung fields' box: background everywhere else
+            placed = np.zeros(full_shape, dtype=np.uint8)
+            placed[region] = labels
+            labels = placed
+    lung_mask = None
     if lung_air is not None and lung_spec is not None:
-        # After the sliding window: the connected components and hole filling then reuse memory the inference
-        # has given back instead of adding to its peak.
+        # After the sliding window (unless the windows needed them): the connected components and hole filling
+        # then reuse memory the inference has given back instead of adding to its peak.
         with timer.stage("lung_fields"):
-            clear_outside(labels, blocks_lung_fields(lung_air[0], lung_spec), lung_air[1])
+            if core is None or fields is None:
+                core = blocks_lung_core(lung_air[0], lung_spec)
+                fields = grow_blocks(core, lung_air[0].GetSpacing(), lung_spec)
+            clear_outside(labels, fields, lung_air[1])
+            lung_mask = blocks_image(core, lung_air[0])
         del lung_air
     with timer.stage("labels"):
         label_image = label_image_on_grid(np.ascontiguousarray(labels, dtype=np.uint8), grid)
@@ -171,8 +213,91 @@ def segment(
         restored = restore_labels(label_image, image)
     timings = timer.as_dict()
     ordered = {stage: timings.get(stage, 0.0) for stage in STAGES}
-    windows = _count_windows(model_size, spec)
-    return SegmentationResult(label=restored, timings=ordered, model_grid_size=model_size, windows=windows)  # type: ignore[arg-type]
+    return SegmentationResult(
+        label=restored,
+        timings=ordered,
+        model_grid_size=model_size,  # type: ignore[arg-type]
+        windows=windows_total,
+        windows_run=windows_run,
+        lung_mask=lung_mask,
+    )
+
+
+def lung_box(
+    fields: BoolArray, block_yx: tuple[int, int], shape_zyx: tuple[int, ...], roi_zyx: tuple[int, ...]
+) -> tuple[slice, ...] | None:
+    """The (z, y, x) box of the model grid that holds the lung fields (blocks of ``block_yx`` voxels in-plane),
+    widened where it is smaller than the ROI so the windows still see real image, not padding; None when the
+    lung fields are empty."""
+    if not fields.any():
+        return None
+    by, bx = block_yx
+    box = []
+    for axis, scale in ((0, 1), (1, by), (2, bx)):
+        occupied = np.flatnonzero(fields.any(axis=tuple(a for a in range(3) if a != axis)))
+        n = shape_zyx[axis]
+        lo, hi = int(occupied[0]) * scale, min(n, (int(occupied[-1]) + 1) * scale)
+        short = roi_zyx[axis] - (hi - lo)
+        if short > 0:  # widen evenly, then against whichever border it meets
+            lo = max(0, lo - short // 2)
+            hi = min(n, lo + roi_zyx[axis])
+            lo = max(0, hi - roi_zyx[axis])
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def _box_windows(box: tuple[slice, ...], roi: tuple[int, ...], overlap: float) -> list[tuple[slice, ...]]:
+    """The windows the sliding window lays over ``box``, in the box's own coordinates (where the box is smaller
+    than the ROI the sliding window pads it evenly: the windows are clipped back to the box, as it does)."""
+    size = [s.stop - s.start for s in box]
+    padded = [max(n, r) for n, r in zip(size, roi, strict=True)]
+    offsets = [(p - n) // 2 for p, n in zip(padded, size, strict=True)]
+    return [
+        tuple(slice(max(0, w.start - o), min(n, w.stop - o)) for w, o, n in zip(window, offsets, size, strict=True))
+        for window in window_slices(padded, roi, overlap)
+    ]
+
+
+def _touching(fields: BoolArray, block_yx: tuple[int, int], region: tuple[slice, ...]) -> WindowFilter:
+    """Keep a window (slices within ``region``) when any lung-field block lies under it."""
+    by, bx = block_yx
+    z0, y0, x0 = (s.start for s in region)
+
+    def keep(window: tuple[slice, ...]) -> bool:
+        zs, ys, xs = window
+        under = fields[
+            z0 + zs.start : z0 + zs.stop,
+            (y0 + ys.start) // by : (y0 + ys.stop - 1) // by + 1,
+            (x0 + xs.start) // bx : (x0 + xs.stop - 1) // bx + 1,
+        ]
+        return bool(under.any())
+
+    return keep
+
+
+def _no_lungs(
+    image: sitk.Image,
+    grid: sitk.Image,
+    timer: StageTimer,
+    model_size: tuple[int, ...],
+    spec: InferenceSpec,
+    core: BoolArray | None,
+    blocks: sitk.Image,
+) -> SegmentationResult:
+    """The result when the lung fields are empty: no window runs and every label is background."""
+    with timer.stage("restore"):
+        empty = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        empty.CopyInformation(image)
+    timings = timer.as_dict()
+    lung_mask = blocks_image(core, blocks) if core is not None else None
+    return SegmentationResult(
+        label=empty,
+        timings={stage: timings.get(stage, 0.0) for stage in STAGES},
+        model_grid_size=model_size,  # type: ignore[arg-type]
+        windows=_count_windows(model_size, spec),
+        windows_run=0,
+        lung_mask=lung_mask,
+    )
 
 
 def _count_windows(size_xyz: tuple[int, ...], spec: InferenceSpec) -> int:

@@ -30,6 +30,8 @@ from inference.errors import ModelMismatch
 FloatArray = npt.NDArray[np.float32]
 Predictor = Callable[[FloatArray], FloatArray]
 """(N, C, *roi) float32 -> (N, K, *roi) float32: the raw network on one batch of windows."""
+WindowFilter = Callable[[tuple[slice, ...]], bool]
+"""Whether to run one window (its slices in the unpadded image)."""
 WindowTransform = Callable[[FloatArray], FloatArray]
 """Applied to each batch of raw outputs before blending; must be linear per voxel for the result to equal
 blending first and transforming after (e.g. the difference of two logit channels)."""
@@ -160,6 +162,7 @@ def sliding_window_inference(
     normalize: bool = True,
     window_axes: Sequence[int] | None = None,
     timer: StageTimer | None = None,
+    keep: WindowFilter | None = None,
 ) -> FloatArray:
     """Blend ``predictor`` over windows of ``image`` (C, *spatial) float32; returns (K, *spatial) float32.
 
@@ -171,6 +174,10 @@ def sliding_window_inference(
     ``(2, 1, 0)`` to hand (z, y, x) data to an x, y, z model) without a separate copy; the predictor's outputs are
     then expected in that order too; they are accumulated in that order and the result is returned as a permuted
     view (not C-contiguous) in the image's axis order.
+
+    ``keep``, when given, is asked for every window (its slices in the unpadded image's coordinates) and only
+    the windows it keeps are run; a voxel no kept window covers is 0 in the result. At least one window must be
+    kept.
 
     Stages timed into ``timer``: ``tiling`` (gathering windows), ``blending`` (weighting, accumulating and the
     final division). The predictor times itself.
@@ -187,6 +194,18 @@ def sliding_window_inference(
     padded, inner = _pad(image, roi, padding_value)
     spatial = padded.shape[1:]
     slices = window_slices(spatial, roi, overlap)
+    if keep is not None:
+        offsets = [0] * len(roi) if inner is None else [s.start for s in inner]
+        slices = [
+            w
+            for w in slices
+            if keep(tuple(
+                slice(max(0, s.start - o), min(n, s.stop - o))
+                for s, o, n in zip(w, offsets, original_spatial, strict=True)
+            ))
+        ]  # fmt: skip
+        if not slices:
+            raise ValueError("keep: no window kept")
     weights = importance_map(roi, mode, sigma_scale)
     batches = [slices[i : i + batch_size] for i in range(0, len(slices), batch_size)]
     accumulator: FloatArray | None = None
@@ -254,7 +273,10 @@ def sliding_window_inference(
             count = np.zeros(permuted_spatial, dtype=np.float32)
             for window in slices:
                 count[tuple(window[a] for a in axes)] += permuted_weights
-            np.divide(accumulator, count, out=accumulator)
+            if keep is None:
+                np.divide(accumulator, count, out=accumulator)
+            else:  # voxels no kept window covers stay 0
+                np.divide(accumulator, count, out=accumulator, where=count > 0)
             del count
         result: FloatArray = accumulator.transpose(inverse)  # a view, (K, *spatial)
         if inner is not None:

@@ -64,6 +64,9 @@ class InfererSpec:
     sigma_scale: float
     batch_size: int
     padding_value: float
+    windows: Literal["all", "lung_fields"] = "all"
+    """``lung_fields``: when the lung-fields step is on, windows are laid over the lung fields' bounding box
+    only and a window that misses them is not run (its voxels are background anyway). ``all``: the whole grid."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,7 @@ def parse_spec(data: dict[str, Any], source: Path | None = None) -> InferenceSpe
         sigma_scale=float(i.get("sigma_scale", 0.125)),
         batch_size=int(i.get("batch_size", 1)),
         padding_value=float(i.get("padding_value", 0.0)),
+        windows=_choice(i.get("windows", "all"), ("all", "lung_fields"), f"{w}.inferer.windows"),
     )
     if not 0.0 <= inferer.overlap < 1.0:
         raise SpecError(f"{w}.inferer.overlap: must be in [0, 1), got {inferer.overlap}")
