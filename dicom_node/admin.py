@@ -25,11 +25,26 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _with_burden(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's stored burden numbers (JSON text in the database) as a dict, or None."""
+    job["burden"] = json.loads(job["burden"]) if job.get("burden") else None
+    return job
+
+
+def _burden_line(burden: dict[str, Any]) -> str:
+    right, left, total = burden["right"], burden["left"], burden["total"]
+    return (
+        f"ground glass: right {right['ggo_ml']:.1f} mL of {right['lung_ml']:.0f} mL = {right['percent']:.1f} % "
+        f"(grade {right['grade']}), left {left['ggo_ml']:.1f} mL of {left['lung_ml']:.0f} mL = "
+        f"{left['percent']:.1f} % (grade {left['grade']}), both {total['ggo_ml']:.1f} mL = {total['percent']:.1f} %"
+    )
+
+
 def collect_status(settings: Settings) -> dict[str, Any]:
     db = _open(settings)
     try:
         series = [dict(r) for r in db.query("SELECT * FROM series ORDER BY first_arrival")]
-        jobs = [dict(r) for r in db.query("SELECT * FROM jobs ORDER BY id")]
+        jobs = [_with_burden(dict(r)) for r in db.query("SELECT * FROM jobs ORDER BY id")]
         events = [dict(r) for r in db.query("SELECT * FROM events ORDER BY id DESC LIMIT 50")]
     finally:
         db.close()
@@ -59,6 +74,8 @@ def print_status(settings: Settings, as_json: bool = False) -> int:
             f"  {j['id']:>5}  {j['state']:<9} run {j['run']}  attempts {j['attempts']}  "
             f"{j['series_instance_uid']}  {_when(j['updated_at'])}{reason}\n"
         )
+        if j.get("burden"):
+            w(f"         {_burden_line(j['burden'])}\n")
     if status["exports"]:
         w(f"exports ({len(status['exports'])})\n")
         for e in status["exports"]:
@@ -67,7 +84,7 @@ def print_status(settings: Settings, as_json: bool = False) -> int:
                 reason += f"  (re-sent {e['resends']}x after an interrupted send)"
             w(
                 f"  job {e['job_id']:>5}  {e['state']:<9} -> {e['destination']}  attempts {e['attempts']}  "
-                f"SEG {e['sop_instance_uid']}  {_when(e['updated_at'])}{reason}\n"
+                f"{e.get('kind', 'SEG')} {e['sop_instance_uid']}  {_when(e['updated_at'])}{reason}\n"
             )
     if status["events"]:
         w(f"recent refusals and events ({len(status['events'])})\n")

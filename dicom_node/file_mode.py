@@ -1,6 +1,7 @@
 """``dicom-node infer``: the file-mode operator that replaces Clara Deploy's COVID-19 lesion segmentation.
 
-One volume in ``input_dir`` -> ``<name>.mhd`` + ``.raw`` (uint8 labels on exactly the input grid) in
+One volume in ``input_dir`` -> ``<name>.mhd`` + ``.raw`` (uint8 labels on exactly the input grid) and
+``<name>.json`` (the burden numbers, :mod:`inference.burden`; when the model spec has lung fields) in
 ``output_dir``; with ``publish_dir``, also the Clara Render Server layout (original volume, ``<name>.output.mhd``,
 ``config_render.json``, ``config.meta``). Errors propagate as InferenceError subclasses; cli.py prints them.
 """
@@ -25,6 +26,7 @@ from dicom_node.series.reconstruct import reconstruct_headers
 from dicom_node.settings import ReconstructionSection, Settings
 from dicom_node.types import CTVolume, InstanceRecord
 from inference.backend import Backend
+from inference.burden import ground_glass_labels, measure_burden, write_burden
 from inference.errors import InferenceError, InputVolumeError
 from inference.pipeline import SegmentationResult, segment
 from inference.spec import InferenceSpec, load_spec
@@ -99,8 +101,13 @@ def write_outputs(
     output_dir: Path,
     publish_dir: Path | None,
 ) -> Path:
-    """The MHD label in ``output_dir`` and, if asked, the publish folder. Returns the label header's path."""
+    """The MHD label and the burden numbers in ``output_dir`` and, if asked, the publish folder. Returns the
+    label header's path."""
     header = write_label(result.label, output_dir, volume.name)
+    if result.lung_mask is not None:
+        burden = measure_burden(result.label, result.lung_mask, ground_glass_labels(spec.segments))
+        write_burden(burden, output_dir / f"{volume.name}.json")
+        log.info("%s: %s", volume.source, burden.summary())
     if publish_dir is not None:
         write_publish(
             publish_dir,

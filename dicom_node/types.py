@@ -1,8 +1,8 @@
 """Small typed records that cross stage boundaries. No I/O here.
 
 receive -> ``InstanceRecord`` -> series tracking -> ``SeriesManifest`` -> reconstruction -> ``CTVolume``
--> inference (label image) -> SEG writer -> ``SegArtifact`` -> outbox -> ``SendResult``; a ``Job`` row
-(:mod:`dicom_node.jobs`) tracks which stage a series run is in.
+-> inference (label image) -> SEG writer -> ``SegArtifact`` (and the SR and overlay writers -> ``DicomArtifact``)
+-> outbox -> ``SendResult``; a ``Job`` row (:mod:`dicom_node.jobs`) tracks which stage a series run is in.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import ClassVar
 
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
@@ -118,6 +119,22 @@ class SegArtifact:
     study_instance_uid: str
     segment_voxels: int
     """Non-zero voxels in the mask; 0 means the run found nothing ("no finding" SEG)."""
+    segment_numbers: tuple[tuple[int, int], ...] = ()
+    """(label value, segment number) of each segment: what an SR that references a segment needs."""
+    kind: ClassVar[str] = "SEG"
+
+
+@dataclass(frozen=True, slots=True)
+class DicomArtifact:
+    """Another DICOM object a job wrote (the SR, an overlay image), ready for the outbox."""
+
+    kind: str
+    """What it is, for the outbox and ``dicom-node status``: ``SR`` or ``overlay``."""
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
 
 
 class SendStatus(StrEnum):

@@ -54,6 +54,12 @@ def block_air(image: sitk.Image, spec: LungFieldSpec) -> tuple[sitk.Image, tuple
 
 def blocks_lung_fields(air: sitk.Image, spec: LungFieldSpec) -> BoolArray:
     """Steps 3-5 on the thresholded blocks: the lung fields as a (z, y', x') array over blocks."""
+    return grow_blocks(blocks_lung_core(air, spec), air.GetSpacing(), spec)
+
+
+def blocks_lung_core(air: sitk.Image, spec: LungFieldSpec) -> BoolArray:
+    """Steps 3-4 on the thresholded blocks: the lungs themselves, before the margin of step 5 (which keeps haze
+    at the pleura from being cut, but is not lung): what the burden numbers measure as the lung."""
     spacing = air.GetSpacing()
     components = sitk.ConnectedComponent(air, False)
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -72,12 +78,26 @@ def blocks_lung_fields(air: sitk.Image, spec: LungFieldSpec) -> BoolArray:
     # border, and a hole cannot leak from one slice into the next (300 separate calls cost 30 times more).
     nz, ny, nx = mask.shape
     filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.reshape(nz * ny, nx).view(np.uint8)))
-    mask = (sitk.GetArrayViewFromImage(filled) > 0).reshape(nz, ny, nx)
+    core: BoolArray = (sitk.GetArrayViewFromImage(filled) > 0).reshape(nz, ny, nx)
+    return core
+
+
+def grow_blocks(core: BoolArray, spacing: tuple[float, ...], spec: LungFieldSpec) -> BoolArray:
+    """Step 5: the lungs grown by ``margin_mm`` in-plane (``spacing``: the blocks' (x, y, z) spacing)."""
     radius = (round(spec.margin_mm / spacing[0]), round(spec.margin_mm / spacing[1]), 0)
-    if any(radius) and mask.any():
-        grown = sitk.BinaryDilate(sitk.GetImageFromArray(mask.view(np.uint8)), [int(r) for r in radius])
-        mask = sitk.GetArrayViewFromImage(grown) > 0
+    if not (any(radius) and core.any()):
+        return core
+    grown = sitk.BinaryDilate(sitk.GetImageFromArray(core.view(np.uint8)), [int(r) for r in radius])
+    mask: BoolArray = sitk.GetArrayViewFromImage(grown) > 0
     return mask
+
+
+def blocks_image(blocks: BoolArray, air: sitk.Image) -> sitk.Image:
+    """A block mask as a uint8 image (1 = in) on the blocks' own grid: ``air``'s origin, spacing and direction,
+    so it lies where the blocks lie in patient space."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(blocks, dtype=np.uint8))
+    image.CopyInformation(air)
+    return image
 
 
 def expand_blocks(blocks: BoolArray, block_yx: tuple[int, int], shape_zyx: tuple[int, int, int]) -> BoolArray:

@@ -44,6 +44,10 @@ def node_config(storage: Path, port: int, /, **sections: Any) -> dict[str, Any]:
             "config": str(REPO_ROOT / "config" / "config_inference.json"),
             "model_repository": str(REPO_ROOT / "models"),
         },
+        # The node sends an SR beside the SEG by default; the reception, export and fault tests count the objects
+        # a destination receives and look at the SEG alone, so here it is off. tests/integration/test_outputs.py
+        # turns the SR and the overlay on.
+        "sr": {"enabled": False},
     }
     for name, values in sections.items():
         base = cfg.get(name, {})

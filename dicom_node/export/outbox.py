@@ -1,4 +1,5 @@
-"""The persistent outbox: every (SEG, destination) pair is a row in the state database, sent and retried on its own.
+"""The persistent outbox: every (object, destination) pair is a row in the state database, sent and retried on its
+own. The objects are a job's SEG, SR and overlay images (anything :class:`Exportable`).
 
 Row life: ``pending`` -> ``sending`` -> ``delivered`` | ``warning`` (accepted with a warning status; counts as
 delivered) | ``failed`` (with the reason), or back to ``pending`` with the node's backoff policy
@@ -14,11 +15,11 @@ connections until the timeout, never delays another destination or new reception
 Delivery is at least once. Restart: rows found in ``sending`` at start go back to ``pending`` (the interrupted
 attempt stays counted): a send that a kill interrupted after the peer stored the object, but before its answer
 was recorded, is sent again, and the peer gets the same SOP Instance UID twice (a replacement, as PS3.4 B.4.1
-allows). A re-run of a job (``dicom-node retry``) re-sends its objects to every destination. The SEG file stays
-where the writer put it; the outbox never deletes it.
+allows). A re-run of a job (``dicom-node retry``) re-sends its objects to every destination. The files stay
+where the writers put them; the outbox never deletes them.
 
-Jobs: ``on_job_settled(job_id, outcome)`` is called when every destination of a job has accepted the SEG
-(``outcome.state == "delivered"``) or as soon as one has failed for good (``"failed"``; the other rows keep
+Jobs: ``on_job_settled(job_id, outcome)`` is called when every destination of a job has accepted every
+object of it (``outcome.state == "delivered"``) or as soon as one has failed for good (``"failed"``; the other rows keep
 being tried). It is called at least once per outcome: the notification is recorded after the callback returns,
 and unrecorded ones are re-announced at start, so the callback must be idempotent. ``retry(job_id)`` puts the
 job's failed rows back to ``pending`` with a fresh attempt count and re-arms the notification.
@@ -33,13 +34,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from dicom_node import db as dbmod
-from dicom_node.db import ACCEPTED_EXPORT_STATES, ExportRow, ExportState, ExportStore, ExportTarget
+from dicom_node.db import ACCEPTED_EXPORT_STATES, ExportItem, ExportRow, ExportState, ExportStore, ExportTarget
 from dicom_node.export.scu import destination_key, send
+from dicom_node.ops.metrics import NodeMetrics
 from dicom_node.settings import Destination, ExportSection, Settings
-from dicom_node.types import SegArtifact, SendResult, SendStatus
+from dicom_node.types import SendResult, SendStatus
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,25 @@ POLL_INTERVAL_S = 1.0
 process are picked up within this)."""
 
 Sender = Callable[[Path, Destination, str, float], SendResult]
+
+
+class Exportable(Protocol):
+    """What the outbox needs of an object a job wrote (``SegArtifact``, ``DicomArtifact``)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def series_instance_uid(self) -> str: ...
+
+    @property
+    def study_instance_uid(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +106,16 @@ class Outbox:
         on_job_settled: JobCallback | None = None,
         sender: Sender = send,
         clock: Callable[[], float] = time.time,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.db_path = db_path
         self.export = export
         self.calling_ae_title = calling_ae_title
         self.destinations = tuple(destinations)
+        self._configured = {destination_key(d): d for d in self.destinations}
+        """A row's destination as configured now (its TLS settings are not stored in the row)."""
+        self.metrics = metrics or NodeMetrics()
+        self.metrics.known_destinations(self._configured)
         self.on_job_settled = on_job_settled
         self._send = sender
         self._clock = clock
@@ -139,21 +165,23 @@ class Outbox:
     # ------------------------------------------------------------------------------------------------ API
 
     def enqueue(
-        self, job_id: int, artifact: SegArtifact, destinations: Sequence[Destination] | None = None
+        self, job_id: int, *artifacts: Exportable, destinations: Sequence[Destination] | None = None
     ) -> list[ExportRow]:
-        """One row per destination (default: the configured ones) for ``artifact``, due now. A row that exists
-        for the same (job, SOP instance, destination) is re-armed: the job ran again, so its result goes to every
-        destination again. With no destination at all the job is settled (delivered) at once."""
+        """One row per (artifact, destination) (default: the configured destinations), due now, sent in the order
+        given (the SEG before the objects that reference it), queued in one transaction. A row that exists for
+        the same (job, SOP instance, destination) is re-armed: the job ran again, so its results go to every
+        destination again. The job is settled when all its rows are; with no destination at all, at once."""
         dests = self.destinations if destinations is None else tuple(destinations)
         targets = [
             ExportTarget(destination_key(d), d.ae_title, d.host, d.port, d.calling_ae_title or self.calling_ae_title)
             for d in dests
         ]
+        items = [
+            ExportItem(a.kind, a.sop_instance_uid, a.series_instance_uid, a.study_instance_uid, a.path)
+            for a in artifacts
+        ]
         with self._lock:
-            self._store.enqueue(
-                job_id, artifact.sop_instance_uid, artifact.series_instance_uid, artifact.study_instance_uid,
-                artifact.path, targets, self._clock(),
-            )  # fmt: skip
+            self._store.enqueue(job_id, items, targets, self._clock())
         rows = self.rows(job_id)
         for r in rows:
             log.info("export queued", extra=self._extra(r, event="export_queued", outcome=r.state))
@@ -215,7 +243,9 @@ class Outbox:
             store.close()
 
     def _attempt(self, store: ExportStore, row: ExportRow) -> None:
-        dest = Destination(ae_title=row.dest_ae_title, host=row.dest_host, port=row.dest_port)
+        dest = self._configured.get(row.destination) or Destination(
+            ae_title=row.dest_ae_title, host=row.dest_host, port=row.dest_port
+        )
         t0 = time.monotonic()
         try:
             result = self._send(Path(row.path), dest, row.calling_ae_title, self.export.timeout_s)
@@ -223,6 +253,7 @@ class Outbox:
             log.exception("outbox: sender raised", extra={"event": "export_error", "row": row.id})
             result = SendResult(row.destination, SendStatus.RETRY, None, f"sender raised {type(exc).__name__}: {exc}")
         elapsed = time.monotonic() - t0
+        self.metrics.export_attempt(row.destination, result.status in (SendStatus.SUCCESS, SendStatus.WARNING), elapsed)
         now = self._clock()
         state: ExportState
         if result.status == SendStatus.SUCCESS:
@@ -256,6 +287,7 @@ class Outbox:
     def _extra(row: ExportRow, **fields: Any) -> dict[str, Any]:
         return {
             "job_id": row.job_id,
+            "kind": row.kind,
             "sop_instance_uid": row.sop_instance_uid,
             "series_instance_uid": row.series_instance_uid,
             "study_instance_uid": row.study_instance_uid,

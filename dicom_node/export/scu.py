@@ -1,9 +1,9 @@
 """C-STORE SCU: send one file to one destination and say whether to count it delivered, retry, or give up.
 
 Presentation contexts: the object's SOP class twice, Explicit VR Little Endian alone first, then Implicit VR
-Little Endian alone, so an acceptor that takes both gives us Explicit (the SEG's own encoding; never Deflated,
-which some archives and dciodvfy cannot read) and one that only takes Implicit still gets the object (pynetdicom
-re-encodes between the two uncompressed syntaxes).
+Little Endian alone, so an acceptor that takes both gives us Explicit (the encoding of every object the node
+writes; never Deflated, which some archives and dciodvfy cannot read) and one that only takes Implicit still gets
+the object (pynetdicom re-encodes between the two uncompressed syntaxes).
 
 Outcome mapping (``SendStatus``), with the reason kept for ``dicom-node status``:
 
@@ -23,7 +23,7 @@ authorized, 0x0117 invalid object instance,
 0x0211 unrecognized operation
 0xCxxx Error: cannot understand, 0x0110 processing     RETRY       archives use these for internal/transient
 failure, any other failure status                                  faults as well; bounded by export.max_attempts
-no accepted presentation context for the SOP class     FAILED      the peer does not take SEG at all
+no accepted presentation context for the SOP class     FAILED      the peer does not take that SOP class at all
 association rejected, aborted, connection refused,    RETRY       the peer is down, busy or misconfigured right
 timeout, no response                                               now; bounded by export.max_attempts
 the file cannot be read                                FAILED      nothing to send
@@ -42,7 +42,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
-from dicom_node.settings import Destination
+from dicom_node.settings import ConfigError, Destination
+from dicom_node.tls import client_context
 from dicom_node.types import SendResult, SendStatus
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def send(path: Path, destination: Destination, calling_ae_title: str, timeout_s:
     """C-STORE the DICOM file ``path`` to ``destination``; never raises for network or peer trouble.
 
     ``calling_ae_title`` is used unless the destination names its own; ``timeout_s`` bounds the TCP connect, the
-    association negotiation, each DIMSE response and network silence.
+    association negotiation, each DIMSE response and network silence. A destination with ``tls`` is reached over
+    DICOM TLS (its certificate verified against its ``ca_certificates``); the context is built for each send, so
+    renewed certificate files are used without a restart.
     """
     name = destination_key(destination)
     try:
@@ -101,6 +104,12 @@ def send(path: Path, destination: Destination, calling_ae_title: str, timeout_s:
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         return SendResult(name, SendStatus.FAILED, None, f"cannot read {path}: {exc}")
     sop_class = str(ds.SOPClassUID)
+    tls_args = None
+    if destination.tls is not None:
+        try:
+            tls_args = (client_context(destination.tls, f"destination {name}: tls"), destination.host)
+        except ConfigError as exc:  # a file gone since start-up: retried, so a restored file is picked up
+            return SendResult(name, SendStatus.RETRY, None, str(exc))
 
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
     ae.acse_timeout = timeout_s
@@ -112,7 +121,7 @@ def send(path: Path, destination: Destination, calling_ae_title: str, timeout_s:
         build_context(sop_class, [ImplicitVRLittleEndian]),
     ]
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except (OSError, RuntimeError, ValueError) as exc:
         return SendResult(name, SendStatus.RETRY, None, f"association failed: {exc}")
     if not assoc.is_established:
@@ -124,6 +133,8 @@ def send(path: Path, destination: Destination, calling_ae_title: str, timeout_s:
         else:
             # pynetdicom reports a refused or timed-out TCP connection as an abort, too
             reason = "no association: connection refused, unreachable or timed out, or aborted by the peer"
+            if tls_args is not None:
+                reason += ", or the TLS handshake failed (certificate not verified by destinations[].tls)"
         return SendResult(name, SendStatus.RETRY, None, reason)
     try:
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):

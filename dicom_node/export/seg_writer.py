@@ -20,7 +20,6 @@ source records: highdicom needs no pixel data of the sources.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import hashlib
 import logging
@@ -39,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
 from dicom_node.errors import Rejected
-from dicom_node.series import geometry
+from dicom_node.export.sources import SourcePlanes, copyable_header, repair_copied_patient_module
 from dicom_node.settings import SegSection
 from dicom_node.types import CTVolume, SegArtifact, SourceInstance
 from inference.atomic import atomic_path
@@ -156,41 +155,6 @@ def _check_label(volume: CTVolume, label: sitk.Image) -> None:
         raise Rejected("SEG: the label image is not on the volume's grid (origin, spacing or direction differ)")
 
 
-TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-"""Patient and study attributes highdicom copies from the first source; Type 2 in the SEG, so an absent one is
-copied as empty rather than failing the run."""
-
-
-def _with_type2(ds: Dataset) -> Dataset:
-    missing = [k for k in TYPE2_COPIED if k not in ds]
-    if not missing:
-        return ds
-    patched = copy.deepcopy(ds)
-    for keyword in missing:
-        setattr(patched, keyword, "")
-    return patched
-
-
-def _repair_copied_patient_module(ds: Dataset) -> None:
-    """De-identified sources often say PatientIdentityRemoved YES but leave DeidentificationMethod (Type 1C)
-    empty; copied as is, the SEG would fail validation. Say that the method is not known rather than drop the
-    flag."""
-    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
-        ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence")
-    ):
-        ds.DeidentificationMethod = "Not stated in the source images"
-
-
 def check_referencable(frames: Sequence[tuple[Path, int | None]]) -> None:
     """What the SEG writer can reference, decided from the source frames alone (path, frame number), so a job
     can refuse a series before decoding it: single-frame instances, or the frames of one multi-frame instance."""
@@ -223,11 +187,12 @@ def write_seg(
     _check_label(volume, label)
     descriptions, numbers = _segment_descriptions(segments, algorithm_name, algorithm_version)
 
+    try:
+        on_sources = SourcePlanes(volume)
+    except Rejected as exc:
+        raise Rejected(f"SEG: {exc}") from exc
     planes = [s.plane for s in volume.sources]
-    shapes = {(p.rows, p.columns) for p in planes}
-    if len(shapes) != 1:
-        raise Rejected(f"SEG: source frames differ in size {sorted(shapes)}")
-    rows, columns = shapes.pop()
+    rows, columns = on_sources.rows, on_sources.columns
 
     # label values -> segment numbers (identity for the usual 0/1 spec)
     label_u8 = sitk.Cast(label, sitk.sitkUInt8) if label.GetPixelID() != sitk.sitkUInt8 else label
@@ -243,15 +208,7 @@ def write_seg(
         raise Rejected(f"SEG: the label holds values above the {len(descriptions)} described segment(s)")
     segment_voxels = int(np.count_nonzero(label_array))
 
-    # mask of every source frame, in volume.sources order
-    masks = np.zeros((len(planes), rows, columns), dtype=np.uint8)
-    grid = geometry.Grid.of(label_u8.GetOrigin(), label_u8.GetSpacing(), label_u8.GetDirection(), label_u8.GetSize())
-    if not volume.resampled and geometry.planes_are_slices(planes, grid):
-        masks[:] = label_array
-    else:
-        sampler = geometry.PlaneSampler(label_array, grid)
-        for k, p in enumerate(planes):
-            masks[k] = sampler.sample(p)
+    masks = on_sources.labels(label_u8)  # every source frame, in volume.sources order
     t_masks = time.perf_counter()
 
     check_referencable([(s.path, s.frame_number) for s in volume.sources])
@@ -260,7 +217,7 @@ def write_seg(
     if multi:
         ds = volume.sources[0].header
         n_frames = int(ds.get("NumberOfFrames", 1))
-        source_images: list[Dataset] = [_with_type2(ds)]
+        source_images: list[Dataset] = [copyable_header(ds)]
         pixel_array = np.zeros((n_frames, rows, columns), dtype=np.uint8)
         for k, s in enumerate(volume.sources):
             assert s.frame_number is not None
@@ -269,7 +226,7 @@ def write_seg(
             pixel_array[s.frame_number - 1] = masks[k]
     else:
         source_images = [s.header for s in volume.sources]
-        source_images[0] = _with_type2(source_images[0])
+        source_images[0] = copyable_header(source_images[0])
         pixel_array = masks
 
     plane_positions: list[hd.PlanePositionSequence] | None = None
@@ -312,7 +269,7 @@ def write_seg(
         )
     except (ValueError, AttributeError, TypeError) as exc:
         raise Rejected(f"SEG: highdicom refused the sources or mask: {exc}") from exc
-    _repair_copied_patient_module(segmentation)
+    repair_copied_patient_module(segmentation)
     t_build = time.perf_counter()
 
     with atomic_path(out_path) as tmp:
@@ -339,4 +296,5 @@ def write_seg(
         series_instance_uid=series_uid,
         study_instance_uid=volume.study_instance_uid,
         segment_voxels=segment_voxels,
+        segment_numbers=tuple(sorted(numbers.items())),
     )

@@ -67,12 +67,20 @@ def _assert_same_grid(mask: sitk.Image, ref: sitk.Image) -> None:
 def test_nifti_in_mhd_out_with_publish(nifti_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     tmp, proc = nifti_run
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["lung1.mhd", "lung1.raw"]
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["lung1.json", "lung1.mhd", "lung1.raw"]
     ref = sitk.ReadImage(str(tmp / "in" / "lung1.nii.gz"))
     mask = sitk.ReadImage(str(tmp / "out" / "lung1.mhd"))
     _assert_same_grid(mask, ref)
     values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist())
     assert values <= {0, 1}
+    # The burden numbers beside the mask: its ground glass, split into the lungs; lung1's lungs hold ~3 L.
+    burden = json.loads((tmp / "out" / "lung1.json").read_text())
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    ggo_ml = float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * voxel_ml
+    assert burden["total"]["ggo_ml"] == pytest.approx(ggo_ml, abs=1e-3)
+    assert burden["right"]["ggo_ml"] + burden["left"]["ggo_ml"] == pytest.approx(ggo_ml, abs=2e-3)
+    assert 2500 < burden["total"]["lung_ml"] < 3500 and burden["right"]["lung_ml"] > burden["left"]["lung_ml"]
+    assert {burden["right"]["grade"], burden["left"]["grade"]} <= {0, 1}
     pub = tmp / "pub"
     assert sorted(p.name for p in pub.iterdir()) == [
         "config.meta",
