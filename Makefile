@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= node.yaml
-# Debian packages the integration tests drive for real: dcmtk (storescu/storescp/echoscu),
-# orthanc (a real PACS), dicom3tools (dciodvfy).
-APT_PACKAGES := dcmtk orthanc dicom3tools
+# Debian packages the integration tests drive for real: dcmtk (storescu/storescp/echoscu, with TLS),
+# orthanc (a real PACS), dicom3tools (dciodvfy), chromium (headless, renders the status page).
+APT_PACKAGES := dcmtk orthanc dicom3tools chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-test apt-test-deps run test lint typecheck unit bench clean train
@@ -31,6 +31,7 @@ apt-test-deps:
 	command -v /usr/bin/storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v /usr/sbin/Orthanc >/dev/null || missing="$$missing orthanc"; \
 	command -v /usr/bin/dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

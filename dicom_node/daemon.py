@@ -1,12 +1,14 @@
 """``dicom-node serve``: the long-lived node, and :class:`Node`, which wires its parts together.
 
 :class:`Node` can run in-process (tests): exclusive lock on the storage folder, database open, start-up recovery
-(:mod:`dicom_node.recovery`), the job processor, the worker pool, the completion monitor, the C-STORE/C-ECHO SCP.
-It holds no logic of its own. :func:`serve` adds logging and signals: SIGTERM / SIGINT stop accepting
-associations, let the stores in flight finish (each answered only once durable), stop the workers (a job still
-running keeps its lease and goes back to the queue on the next start), close the database and return 0. A
-second signal exits at once (nothing acknowledged is lost: every Success was answered after its bytes and row
-were durable).
+(:mod:`dicom_node.recovery`), the job processor, the worker pool, the completion monitor, the C-STORE/C-ECHO SCP
+(plain and DICOM TLS listeners), and with ``http.enabled`` the HTTP endpoints (:mod:`dicom_node.ops`: health,
+readiness, Prometheus metrics, the status page). One :class:`~dicom_node.ops.metrics.NodeMetrics` per node is
+handed to every part that counts. It holds no logic of its own. :func:`serve` adds logging and signals:
+SIGTERM / SIGINT stop accepting associations, let the stores in flight finish (each answered only once durable),
+stop the workers (a job still running keeps its lease and goes back to the queue on the next start), close the
+database and return 0. A second signal exits at once (nothing acknowledged is lost: every Success was answered
+after its bytes and row were durable).
 
 The job processor is injected (``Node(settings, processor=...)``: any :class:`~dicom_node.worker.JobProcessor`);
 by default it is the production :class:`~dicom_node.processing.SeriesProcessor`.
@@ -26,12 +28,16 @@ from typing import Any
 from dicom_node.db import DB_NAME, Database, is_disk_full
 from dicom_node.errors import NodeError
 from dicom_node.logs import setup_logging
+from dicom_node.ops.http_server import OpsServer, build_ops_server
+from dicom_node.ops.metrics import NodeMetrics
 from dicom_node.processing import SeriesProcessor
 from dicom_node.receive.completion import CompletionMonitor
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.receive.spool import Spool
 from dicom_node.recovery import recover
+from dicom_node.reserve import DiskReserve
 from dicom_node.settings import Settings
+from dicom_node.tls import check_configuration
 from dicom_node.worker import JobProcessor, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -58,8 +64,14 @@ class Node:
         self.scp: StorageSCP | None = None
         self.workers: WorkerPool | None = None
         self.completion: CompletionMonitor | None = None
+        self.reserve: DiskReserve | None = None
         self.processor = processor
+        self.metrics = NodeMetrics()
+        """This node's Prometheus registry, handed to every part that counts."""
+        self.ops: OpsServer | None = None
         self.port = 0
+        self.tls_port = 0
+        self.http_port = 0
 
     def _lock_storage(self) -> None:
         path = self.storage / "node.lock"
@@ -75,9 +87,12 @@ class Node:
 
     def start(self) -> int:
         st = self.settings.storage
+        check_configuration(self.settings)
         try:
             self._lock_storage()
-            self.spool = Spool(self.storage, fsync=st.fsync, min_free_bytes=st.min_free_bytes)
+            self.reserve = DiskReserve(self.storage, st.reserve_bytes)
+            self.reserve.start()
+            self.spool = Spool(self.storage, fsync=st.fsync, min_free_bytes=st.min_free_bytes, reserve=self.reserve)
             self.db = Database(self.storage / DB_NAME)
             recover(self.settings, self.db, self.spool)
         except (sqlite3.Error, OSError) as exc:
@@ -90,16 +105,30 @@ class Node:
                 f"its state; free some space there and start again ({exc})"
             ) from exc
         if self.processor is None:
-            self.processor = SeriesProcessor(self.settings, self.db)
+            self.processor = SeriesProcessor(self.settings, self.db, metrics=self.metrics)
         self.processor.start()
-        self.workers = WorkerPool(self.settings, self.db, self.processor)
+        self.workers = WorkerPool(self.settings, self.db, self.processor, metrics=self.metrics)
         self.workers.start()
         self.completion = CompletionMonitor(self.settings, self.db, on_queued=self.workers.wake)
         self.completion.start()
         self.scp = StorageSCP(
-            self.settings, self.spool, self.db, on_released=self.completion.kick, on_stored=self.processor.on_stored
-        )
+            self.settings, self.spool, self.db, on_released=self.completion.kick, on_stored=self.processor.on_stored,
+            metrics=self.metrics,
+        )  # fmt: skip
         self.port = self.scp.start()
+        self.tls_port = self.scp.tls_port
+        if self.settings.http.enabled:
+            self.ops = build_ops_server(
+                self.settings, db=self.db, spool=self.spool, scp=self.scp,
+                backend_problem=self.processor.backend_problem, metrics=self.metrics,
+                backend_endpoints=self.processor.backend_endpoints,
+            )  # fmt: skip
+            try:
+                self.http_port = self.ops.start()
+            except NodeError:  # e.g. the port is taken: stop what runs already (a managed Triton among it)
+                self.ops = None
+                self.stop()
+                raise
         log.info("node started", extra={"ae_title": self.settings.node.ae_title, "port": self.port,
                                          "storage": str(self.storage)})  # fmt: skip
         return self.port
@@ -112,6 +141,8 @@ class Node:
             if not self.scp.wait_idle(grace_s):
                 log.warning("associations still open after the grace period; aborting them")
             self.scp.abort_all()
+        if self.ops is not None:  # it said "not ready" while associations drained; its data closes next
+            self.ops.stop()
         if self.completion is not None:
             self.completion.stop()
         if self.workers is not None and not self.workers.stop(timeout=grace_s):
@@ -122,6 +153,8 @@ class Node:
         log.info("node stopped")
 
     def _release_storage(self) -> None:
+        if self.reserve is not None:
+            self.reserve.stop()
         if self.db is not None:
             self.db.close()
         if self._lock_fd is not None:

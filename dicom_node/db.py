@@ -3,7 +3,8 @@
 Tables: ``instances`` (one row per stored SOP instance, keyed by its UID, so a duplicate replaces), ``series``
 (last arrival, run counter, state), ``jobs`` (one row per run of a series: received -> complete -> queued ->
 inferring -> exporting -> done / skipped / failed, with reason, attempts and lease), ``events`` (refusals and
-other things an operator must be able to see later: unknown calling AE, unreadable object, bad UID...).
+other things an operator must be able to see later: unknown calling AE, unreadable object, bad UID...),
+``heartbeat`` (one row the readiness probe rewrites, to prove the database takes writes).
 
 Every state transition is one transaction. The database runs in WAL mode with ``synchronous=FULL`` and a busy
 timeout, so a committed transition survives a crash and concurrent processes (``dicom-node status``) wait
@@ -82,6 +83,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure_stage       TEXT,
     deferred_since      REAL,
     deferrals           INTEGER NOT NULL DEFAULT 0,
+    burden              TEXT,
+    windows_total       INTEGER,
+    windows_run         INTEGER,
     UNIQUE (series_instance_uid, run)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -118,6 +122,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated_at          REAL NOT NULL,
     delivered_at        REAL,
     resends             INTEGER NOT NULL DEFAULT 0,
+    kind                TEXT NOT NULL DEFAULT 'SEG',
     UNIQUE (job_id, sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
@@ -127,6 +132,10 @@ CREATE TABLE IF NOT EXISTS outbox_jobs (
     notified     TEXT,
     notified_at  REAL
 );
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    at           REAL NOT NULL
+);
 """
 
 MIGRATIONS: tuple[tuple[str, str, str], ...] = (
@@ -134,6 +143,10 @@ MIGRATIONS: tuple[tuple[str, str, str], ...] = (
     ("outbox", "resends", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "deferred_since", "REAL"),
     ("jobs", "deferrals", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "burden", "TEXT"),
+    ("jobs", "windows_total", "INTEGER"),
+    ("jobs", "windows_run", "INTEGER"),
+    ("outbox", "kind", "TEXT NOT NULL DEFAULT 'SEG'"),
 )
 """Columns added since the first release: (table, column, type), added to an older database at open."""
 
@@ -365,6 +378,30 @@ class Database:
     def known_paths(self) -> set[str]:
         return {r["path"] for r in self.query("SELECT path FROM instances")}
 
+    # -- operations (readiness, metrics) -------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Commit one small write (the readiness probe's proof that the database takes writes); raises
+        sqlite3.Error / OSError when it does not."""
+        with self._lock, transaction(self._fast) as c:
+            c.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (self.clock(),))
+
+    def job_state_counts(self) -> dict[JobState, int]:
+        """Jobs per state, every state present (0 where none)."""
+        counts = {state: 0 for state in JobState}
+        for r in self.query("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+            counts[JobState(r["state"])] = int(r["n"])
+        return counts
+
+    def series_runs_completed(self) -> int:
+        """Series runs ever declared complete (every job past RECEIVED): a counter that survives restarts."""
+        return int(self.query("SELECT count(*) AS n FROM jobs WHERE state != ?", (JobState.RECEIVED.value,))[0]["n"])
+
+    def export_state_counts(self) -> dict[str, int]:
+        """Outbox rows per state."""
+        return {
+            str(r["state"]): int(r["n"]) for r in self.query("SELECT state, count(*) AS n FROM outbox GROUP BY state")
+        }
+
     # -- completion ----------------------------------------------------------------------------------------
     def open_series(self) -> list[SeriesStats]:
         rows = self.query(
@@ -449,6 +486,16 @@ class Database:
              stage.value if stage is not None and to is JobState.FAILED else None, job_id, *states],
         )  # fmt: skip
         return cur.rowcount == 1
+
+    def record_burden(self, job_id: int, burden_json: str) -> None:
+        """Store a job's burden numbers (JSON, ``inference.burden.Burden.as_dict``); a re-run replaces them."""
+        with self.tx() as c:
+            c.execute("UPDATE jobs SET burden=? WHERE id=?", (burden_json, job_id))
+
+    def record_windows(self, job_id: int, total: int, run: int) -> None:
+        """Store how many sliding windows tile the job's whole model grid and how many the backend ran."""
+        with self.tx() as c:
+            c.execute("UPDATE jobs SET windows_total=?, windows_run=? WHERE id=?", (total, run, job_id))
 
     def job(self, job_id: int) -> Job | None:
         rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -596,10 +643,23 @@ class ExportRow:
     resends: int
     """Sends a crash interrupted after they began: the destination may hold this object once more than the
     deliveries show (delivery is at least once)."""
+    kind: str
+    """The object: ``SEG``, ``SR`` or ``overlay`` (rows written before the SR and overlay existed say SEG)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ExportRow:
         return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class ExportItem:
+    """One object to send: what the outbox stores of it."""
+
+    kind: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,22 +700,23 @@ class ExportStore:
             jobs = [int(r[0]) for r in c.execute("SELECT DISTINCT job_id FROM outbox")]
         return int(n), jobs
 
-    def enqueue(self, job_id: int, sop_instance_uid: str, series_instance_uid: str, study_instance_uid: str,
-                path: Path, targets: Sequence[ExportTarget], now: float) -> None:  # fmt: skip
-        """One row per target for the object, due now. A row that exists for the same (job, object, destination)
-        is re-armed (pending, attempts reset) unless a send of it is in flight: a new enqueue means the job ran
-        again and its results must reach every destination again."""
+    def enqueue(self, job_id: int, items: Sequence[ExportItem], targets: Sequence[ExportTarget], now: float) -> None:
+        """One row per (object, target), due now, in the order given, all in one transaction (so no outcome is
+        announced for a job whose objects are only partly queued). A row that exists for the same (job, object,
+        destination) is re-armed (pending, attempts reset) unless a send of it is in flight: a new enqueue means
+        the job ran again and its results must reach every destination again."""
         with transaction(self.conn) as c:
             c.execute("INSERT OR IGNORE INTO outbox_jobs (job_id) VALUES (?)", (job_id,))
             c.execute("UPDATE outbox_jobs SET notified=NULL, notified_at=NULL WHERE job_id=?", (job_id,))
-            for t in targets:
+            for item, t in ((i, t) for i in items for t in targets):
                 c.execute(
                     """INSERT INTO outbox (job_id, sop_instance_uid, series_instance_uid, study_instance_uid, path,
                            destination, dest_ae_title, dest_host, dest_port, calling_ae_title, state, attempts,
-                           next_attempt_at, created_at, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)
+                           next_attempt_at, created_at, updated_at, kind)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)
                        ON CONFLICT (job_id, sop_instance_uid, destination) DO UPDATE SET
                            path=excluded.path,
+                           kind=excluded.kind,
                            state=CASE WHEN state='sending' THEN state ELSE 'pending' END,
                            attempts=CASE WHEN state='sending' THEN attempts ELSE 0 END,
                            next_attempt_at=excluded.next_attempt_at,
@@ -664,8 +725,9 @@ class ExportStore:
                                             COALESCE(': ' || reason, '') END,
                            updated_at=excluded.updated_at""",
                     (
-                        job_id, sop_instance_uid, series_instance_uid, study_instance_uid, str(path), t.destination,
-                        t.ae_title, t.host, t.port, t.calling_ae_title, now, now, now,
+                        job_id, item.sop_instance_uid, item.series_instance_uid, item.study_instance_uid,
+                        str(item.path), t.destination, t.ae_title, t.host, t.port, t.calling_ae_title, now, now, now,
+                        item.kind,
                     ),
                 )  # fmt: skip
 

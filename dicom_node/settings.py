@@ -15,12 +15,22 @@ wherever the file lives.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "DICOM_NODE__"
 
@@ -40,6 +50,44 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsListener(_Section):
+    """DICOM TLS (PS3.15 Annex B; TLS 1.2 or later, as BCP 195 asks) on a port of its own, beside the plain one
+    (or instead of it, with ``only``)."""
+
+    port: Port
+    certificate: Path
+    """The node's certificate (PEM; a chain, leaf first)."""
+    private_key: Path
+    """Its private key (PEM, not encrypted: the service starts unattended; keep the file readable by the node's
+    user only)."""
+    ca_certificates: Path | None = None
+    """CA certificates (PEM) that sign the senders' certificates. A client certificate that none of them signed
+    is refused; needed when ``require_client_certificate`` is true."""
+    require_client_certificate: bool = True
+    """Mutual authentication, as IHE ATNA asks of a secure node: a sender without a certificate signed by
+    ``ca_certificates`` is refused during the handshake. False: a sender may come without a certificate (one it
+    does present must still verify)."""
+    only: bool = False
+    """True: no plain listener on ``node.port``; associations are accepted over TLS only."""
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TlsListener:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "require_client_certificate is true (the default) but ca_certificates is not set: name the CA "
+                "certificates that sign the senders' certificates, or set require_client_certificate: false"
+            )
+        return self
+
+
+class AllowedCaller(_Section):
+    """A calling AE title bound to the hosts it may call from."""
+
+    ae_title: AETitle
+    hosts: tuple[IPvAnyNetwork, ...] = Field(min_length=1)
+    """IP addresses or CIDR networks (``10.1.2.3``, ``10.1.0.0/16``, ``fd00::/8``)."""
+
+
 class NodeSection(_Section):
     """The DIMSE service the node offers."""
 
@@ -49,6 +97,12 @@ class NodeSection(_Section):
     max_associations: int = Field(10, ge=1, le=1000)
     allowed_calling_ae_titles: tuple[AETitle, ...] = ()
     """Empty: any calling AE title is accepted. Otherwise only these."""
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    """Calling AE titles bound to hosts: such a title is accepted only from one of its hosts. The titles count as
+    known, as those of ``allowed_calling_ae_titles`` do: when either list is set, an AE title in neither is
+    rejected."""
+    tls: TlsListener | None = None
+    """A DICOM TLS listener; none by default."""
     accept_other_sop_classes: bool = False
     """False: storage SOP classes other than CT / Enhanced CT are refused at negotiation. True: they are accepted,
     stored nowhere and answered Success, for senders that push whole studies."""
@@ -68,6 +122,9 @@ class StorageSection(_Section):
     that nothing acknowledged is lost on power failure for speed; keep it on in production."""
     min_free_bytes: int = Field(2 * 1024**3, ge=0)
     """Below this much free space in ``dir``, new instances are refused with Out of Resources (0xA700)."""
+    reserve_bytes: int = Field(8 * 1024**2, ge=0)
+    """Disk space the node holds in ``dir`` (a file) and gives up to the state database when the disk fills, so
+    jobs can still be put back in the queue; reception answers 0xA700 meanwhile. 0 disables it."""
 
 
 class SeriesSection(_Section):
@@ -121,6 +178,10 @@ class TritonSection(_Section):
     """How the node reaches Triton, and whether it starts one itself."""
 
     url: str = "127.0.0.1:8001"
+    urls: tuple[str, ...] = ()
+    """Several Triton servers (``host:port`` each) used as one fleet: requests go to the endpoint with the fewest in
+    flight, an endpoint that fails is taken out and probed again with backoff. When set, ``url`` is not used and
+    the node starts no server of its own."""
     protocol: Literal["grpc", "http"] = "grpc"
     managed: bool = True
     """Start a local tritonserver on ``model_repository`` when the URL is local and nothing answers there."""
@@ -194,6 +255,25 @@ class WorkersSection(_Section):
     work (wrong model, shapes) fails the job at once."""
 
 
+class DestinationTls(_Section):
+    """DICOM TLS towards a destination (the node as the TLS client)."""
+
+    ca_certificates: Path
+    """CA certificates (PEM) that sign the destination's certificate: a peer whose certificate they do not
+    verify is not sent to."""
+    certificate: Path | None = None
+    """Our client certificate (PEM), for a destination that requires one; with ``private_key``."""
+    private_key: Path | None = None
+    check_hostname: bool = True
+    """The destination's certificate must name ``host`` (a DNS name or IP address in its subjectAltName)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: give both or neither")
+        return self
+
+
 class Destination(_Section):
     """A DICOM peer that receives every SEG the node writes."""
 
@@ -202,6 +282,8 @@ class Destination(_Section):
     port: Port
     calling_ae_title: AETitle | None = None
     """Our AE title towards this peer; defaults to node.ae_title."""
+    tls: DestinationTls | None = None
+    """Send over DICOM TLS; plain TCP when absent."""
 
 
 class ExportSection(_Section):
@@ -225,6 +307,40 @@ class SegSection(_Section):
     manufacturer_model_name: str = "dicom-node"
     device_serial_number: str = "0001"
     institution_name: str | None = None
+    """The equipment identification of every object the node writes (SEG, SR, overlay images)."""
+
+
+class SrSection(_Section):
+    """The lesion-burden report: a TID 1500 measurement report (Enhanced SR) that references the SEG's segment.
+    On by default: a few kilobytes that every archive stores and most viewers show as text."""
+
+    enabled: bool = True
+    series_number: int = Field(9902, ge=0, le=2**31 - 1)
+    series_description: str = Field("AI ground-glass burden (not for diagnostic use)", max_length=64)
+
+
+class OverlaySection(_Section):
+    """Secondary Capture images of the CT in a lung window with the ground-glass outline and a banner burned in,
+    for viewers that do not display SEG. Off by default: one uncompressed RGB image (about 0.8 MB for 512 x 512)
+    per source slice with a finding, each its own association per destination, is a lot to put in every study."""
+
+    enabled: bool = False
+    series_number: int = Field(9903, ge=0, le=2**31 - 1)
+    series_description: str = Field("AI ground-glass overlay (not for diagnostic use)", max_length=64)
+    all_slices: bool = False
+    """False: an image for each source slice with a finding. True: an image for every source slice."""
+    window_center: float = -600.0
+    """The lung window the overlay images and the preview show the CT in (HU)."""
+    window_width: float = Field(1500.0, gt=0)
+
+
+class PreviewSection(_Section):
+    """A PNG per job in its results folder (``preview.png``): key slices with the outline, and the numbers."""
+
+    enabled: bool = True
+    key_slices: int = Field(3, ge=1, le=12)
+    """The slices with the largest ground-glass area (a job without a finding: evenly spaced through the
+    lungs), in the lung window of ``overlay``."""
 
 
 class PublishSection(_Section):
@@ -232,6 +348,48 @@ class PublishSection(_Section):
 
     output_dir: Path | None = None
     publish_dir: Path | None = None
+
+
+_TlsFiles = TypeVar("_TlsFiles", TlsListener, DestinationTls)
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpSection(_Section):
+    """The operations endpoints: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and the read-only status
+    page at ``/``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    """Loopback by default. Any other address needs ``access_token``."""
+    port: Port = 8080
+    access_token: SecretStr | None = None
+    """When set, every request must carry it: ``Authorization: Bearer TOKEN`` (Prometheus, scripts) or HTTP Basic
+    with the token as the password (a browser asks for it). At least 16 characters."""
+
+    @field_validator("access_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("access_token must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HttpSection:
+        if self.enabled and not is_loopback(self.host) and self.access_token is None:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: set http.access_token to serve beyond this machine "
+                "(or bind http.host to 127.0.0.1)"
+            )
+        return self
 
 
 class LoggingSection(_Section):
@@ -253,8 +411,12 @@ class Settings(_Section):
     destinations: tuple[Destination, ...] = ()
     export: ExportSection = ExportSection()
     seg: SegSection = SegSection()
+    sr: SrSection = SrSection()
+    overlay: OverlaySection = OverlaySection()
+    preview: PreviewSection = PreviewSection()
     publish: PublishSection = PublishSection()
     logging: LoggingSection = LoggingSection()
+    http: HttpSection = HttpSection()
 
     @field_validator("destinations")
     @classmethod
@@ -285,8 +447,17 @@ class Settings(_Section):
                 ),
             }
         )
+
+        def anchor_tls(tls: _TlsFiles | None) -> _TlsFiles | None:
+            if tls is None:
+                return None
+            paths = ("certificate", "private_key", "ca_certificates")
+            return tls.model_copy(update={k: anchor(getattr(tls, k)) for k in paths})
+
         return self.model_copy(
             update={
+                "node": self.node.model_copy(update={"tls": anchor_tls(self.node.tls)}),
+                "destinations": tuple(d.model_copy(update={"tls": anchor_tls(d.tls)}) for d in self.destinations),
                 "storage": self.storage.model_copy(update={"dir": anchor(self.storage.dir)}),
                 "inference": inference,
                 "publish": self.publish.model_copy(

@@ -22,13 +22,16 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from dicom_node.db import Database
 from dicom_node.errors import Rejected
 from dicom_node.jobs import FailureStage, Job, JobOutcome, JobState, log_transition
+from dicom_node.ops.metrics import NodeMetrics
 from dicom_node.settings import Settings
 from dicom_node.types import InstanceRecord, SeriesManifest
+from inference.triton_fleet import EndpointState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,8 @@ class JobProcessor(Protocol):
     ``start`` / ``stop`` bracket the node's life (open the model backend, the outbox; close them);
     ``on_stored`` is called by the SCP for each instance once it is durable (it must only queue work, never do it
     in the association's thread); ``process`` turns one claimed job into an outcome, from worker threads (one job
-    per call, several at once).
+    per call, several at once); ``backend_problem`` is the readiness probe's question (None: whatever the jobs
+    need, a model backend for instance, is ready; else why not), answered at once, never blocking.
     """
 
     def start(self) -> None: ...
@@ -50,14 +54,21 @@ class JobProcessor(Protocol):
 
     def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome: ...
 
+    def backend_problem(self) -> str | None: ...
+
+    def backend_endpoints(self) -> Sequence[EndpointState]: ...
+
 
 class WorkerPool:
     """``workers.count`` threads that claim and process jobs until stopped."""
 
-    def __init__(self, settings: Settings, db: Database, processor: JobProcessor) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, processor: JobProcessor, metrics: NodeMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.processor = processor
+        self.metrics = metrics or NodeMetrics()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -147,6 +158,8 @@ class WorkerPool:
         the backoff instead, trying until one of the two is stored, so the job never waits for its lease."""
         try:
             self.record(job, outcome)
+            requeued = outcome.state is JobState.FAILED and outcome.retryable
+            self.metrics.job_outcome(outcome, requeued=requeued and job.attempts < self.settings.workers.max_attempts)
             return
         except (sqlite3.Error, OSError) as exc:
             log.error(f"job {job.id}: cannot record outcome {outcome.state.value}: {exc}", extra={"job_id": job.id})
@@ -199,7 +212,7 @@ class WorkerPool:
                 log_transition(job, JobState.FAILED, reason, logging.WARNING)
             return
         wait = min(wk.backoff.delay(job.deferrals + 1), max(0.0, wk.backend_max_wait_s - waited))
-        msg = f"waiting for the inference backend (no attempt spent; look again in {wait:g} s): {outcome.reason}"
+        msg = f"waiting for the inference backend (no attempt spent; look again in {wait:.1f} s): {outcome.reason}"
         if self.db.defer(job.id, msg, not_before=now + wait, since=since):
             log_transition(job, JobState.QUEUED, msg, logging.WARNING)
 

@@ -77,7 +77,7 @@ class TritonServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     address: str = "127.0.0.1"
-    """Address the HTTP and gRPC endpoints listen on: loopback for a server the node starts for itself,
+    """Address the HTTP, gRPC and metrics endpoints listen on: loopback for a server the node starts for itself,
     0.0.0.0 for ``dicom-node triton`` serving other hosts."""
     startup_timeout_s: float = 180.0
     stop_grace_s: float = 15.0
@@ -255,6 +255,7 @@ class ManagedTriton:
             f"--grpc-address={o.address}",
             f"--grpc-port={o.grpc_port}",
             "--allow-metrics=true",
+            f"--metrics-address={o.address}",
             f"--metrics-port={o.metrics_port}",
             "--allow-gpu-metrics=false",
             f"--log-verbose={o.log_verbose}",
@@ -271,7 +272,7 @@ class ManagedTriton:
         if len(set(ports.values())) != len(ports):
             raise BackendUnavailable(f"tritonserver: HTTP, gRPC and metrics ports must differ, got {ports}")
         for kind, port in ports.items():
-            if not _port_free("0.0.0.0" if kind == "metrics" else o.address, port):
+            if not _port_free(o.address, port):
                 raise BackendUnavailable(
                     f"tritonserver: cannot start on {self.repository}: {kind} port {port} is already in use"
                 )

@@ -29,6 +29,12 @@ class ReconstructingProcessor:
     def on_stored(self, record: InstanceRecord) -> None:
         self.stored.append(record)
 
+    def backend_problem(self) -> str | None:
+        return None  # no model backend: reconstruction only
+
+    def backend_endpoints(self) -> tuple[()]:
+        return ()
+
     def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
         verdict = select_series(manifest, self.settings.selection)
         if not verdict.selected:

@@ -1,5 +1,12 @@
 """The DIMSE service: C-ECHO SCP and C-STORE SCP for CT, on pynetdicom.
 
+Listeners: ``node.port`` (plain TCP) and, with ``node.tls``, a DICOM TLS port beside it (or instead of it); the
+TLS handshake runs in the connection's own thread (:mod:`dicom_node.tls`), a failed one is recorded
+(``tls_refused``) and counted. Callers: pynetdicom rejects calling AE titles that neither
+``node.allowed_calling_ae_titles`` nor ``node.allowed_callers`` names; a title bound to hosts
+(:mod:`dicom_node.receive.callers`) calling from elsewhere is rejected here when its A-ASSOCIATE-RQ arrives. Each
+rejection is recorded with its reason and counted by reason (:class:`~dicom_node.ops.metrics.NodeMetrics`).
+
 Receive path of one C-STORE (in the association's thread):
 
 1. SOP class: CT Image Storage / Enhanced CT Image Storage are stored; any other class was refused at
@@ -20,6 +27,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import ssl
 import threading
 import time
 import zlib
@@ -57,9 +65,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node import __version__
 from dicom_node.db import Database, is_disk_full
+from dicom_node.ops.metrics import NodeMetrics, refusal_reason
+from dicom_node.receive.callers import CallerPolicy
 from dicom_node.receive.spool import DiskFull, Spool
 from dicom_node.series.headers import InstanceUIDs, clean_uid, header_facts, instance_uids
 from dicom_node.settings import Settings
+from dicom_node.tls import handshake, peer_subject, server_context
 from dicom_node.types import HeaderFacts, InstanceRecord
 
 log = logging.getLogger(__name__)
@@ -283,6 +294,7 @@ class _AssocState:
     calling_ae: str
     address: str
     started: float
+    listener: str = "plain"
     stored: int = 0
     bytes: int = 0
     refused: int = 0
@@ -301,10 +313,13 @@ class StorageSCP:
         *,
         on_released: Callable[[], None] | None = None,
         on_stored: Callable[[InstanceRecord], None] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.db = db
+        self.metrics = metrics or NodeMetrics()
+        self.callers = CallerPolicy.from_settings(settings.node)
         self.on_released = on_released
         self.on_stored = on_stored
         """Called with each instance once durable and recorded, just before its Success goes back: it must only
@@ -315,6 +330,7 @@ class StorageSCP:
         self._in_flight = 0
         self._in_flight_cv = threading.Condition()
         self._server: Any = None
+        self._tls_server: Any = None
         self._accepting = True
         install_fast_reactors()
         install_tolerant_uid_validation()
@@ -329,8 +345,8 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.maximum_associations = node.max_associations
-        if node.allowed_calling_ae_titles:
-            ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+        if self.callers.known:
+            ae.require_calling_aet = sorted(self.callers.known)
         ae.add_supported_context(Verification)
         for sop in CT_SOP_CLASSES:
             ae.add_supported_context(sop, TRANSFER_SYNTAXES)
@@ -342,36 +358,82 @@ class StorageSCP:
                     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
-    def _handlers(self) -> list[Any]:
-        return [
+    def _handlers(self, listener: str) -> list[Any]:
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested, [listener]),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        if listener == "tls":
+            handlers.append((evt.EVT_CONN_OPEN, self._on_tls_open))
+        return handlers
 
     def start(self) -> int:
-        """Listen (non-blocking); returns the bound port (useful with port 0 in tests)."""
+        """Listen (non-blocking) on the plain port and, when configured, the TLS port; returns the plain port
+        (the TLS port when ``node.tls.only``)."""
         node = self.settings.node
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=self._handlers())
-        self._server.block_on_close = False  # we wait for associations ourselves, with a deadline
-        port: int = self._server.server_address[1]
-        log.info("listening", extra={"ae_title": node.ae_title, "port": port, "host": node.host})
-        return port
+        tls = node.tls
+        if tls is None or not tls.only:
+            self._server = self.ae.start_server(
+                (node.host, node.port), block=False, evt_handlers=self._handlers("plain")
+            )
+            self._server.block_on_close = False  # we wait for associations ourselves, with a deadline
+            log.info("listening", extra={"ae_title": node.ae_title, "port": self.port, "host": node.host})
+        if tls is not None:
+            self._tls_server = self.ae.start_server(
+                (node.host, tls.port), block=False, ssl_context=server_context(tls), evt_handlers=self._handlers("tls")
+            )
+            self._tls_server.block_on_close = False
+            log.info(
+                "listening (DICOM TLS)",
+                extra={
+                    "ae_title": node.ae_title, "port": self.tls_port, "host": node.host,
+                    "client_certificate": "required" if tls.require_client_certificate else "optional",
+                },
+            )  # fmt: skip
+        return self.port or self.tls_port
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server is not None else 0
 
+    @property
+    def tls_port(self) -> int:
+        return int(self._tls_server.server_address[1]) if self._tls_server is not None else 0
+
+    def listeners(self) -> str:
+        """Where the node listens, for people: ``COVIDSEG@0.0.0.0 port 11112, TLS port 2762``."""
+        node = self.settings.node
+        parts = [f"port {self.port}"] if self.port else []
+        if self.tls_port:
+            parts.append(f"TLS port {self.tls_port}")
+        return f"{node.ae_title}@{node.host} " + (", ".join(parts) or "nothing")
+
+    def listener_problem(self) -> str | None:
+        """None while every configured listener has its socket open; else which one does not."""
+        tls = self.settings.node.tls
+        wanted = [] if tls is not None and tls.only else [("DIMSE", self._server)]
+        if tls is not None:
+            wanted.append(("DICOM TLS", self._tls_server))
+        for name, server in wanted:
+            if not self._accepting:
+                return "not accepting associations (the node is stopping)"
+            if server is None or server.socket is None or server.socket.fileno() < 0:
+                return f"the {name} listener is not open"
+        return None
+
     def stop_accepting(self) -> None:
-        """Close the listening socket; associations already open go on."""
+        """Close the listening sockets; associations already open go on."""
         self._accepting = False
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
 
     def active_associations(self) -> int:
         return len([a for a in self.ae.active_associations if a.is_acceptor and a.is_established])
@@ -412,9 +474,61 @@ class StorageSCP:
                     self._assocs[key] = st
         return st
 
+    def _on_tls_open(self, event: Any) -> None:
+        """Finish the TLS handshake the listener deferred (:mod:`dicom_node.tls`), in this connection's thread.
+
+        A failure (a plain DICOM client on the TLS port, a client certificate the CA did not sign, none when one
+        is required) closes the connection before any DICOM is read, and is logged, recorded and counted.
+        """
+        sock = event.assoc.dul.socket.socket
+        peer = f"{event.address[0]}:{event.address[1]}" if event.address else "?"
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        problem = handshake(sock, self.settings.node.acse_timeout_s)
+        if problem is None:
+            log.debug(f"TLS {sock.version()} with {peer}: client {peer_subject(sock) or 'without certificate'}")
+            return
+        reason = f"TLS connection from {peer} refused: {problem}"
+        log.warning(reason, extra={"peer": peer})
+        self.metrics.associations_rejected.labels("tls_handshake").inc()
+        try:
+            self.db.record_event("tls_refused", reason)
+        except Exception as exc:  # the refusal stands even if we cannot record it
+            log.error(f"cannot record TLS refusal: {exc}")
+        # No A-ASSOCIATE-RQ can arrive now: let the association thread give up at once instead of waiting
+        # node.acse_timeout_s for one (it would hold a slot of node.max_associations meanwhile).
+        event.assoc.acse_timeout = 0.01
+        sock.close()
+
+    def _on_requested(self, event: Any, listener: str) -> None:
+        """A-ASSOCIATE-RQ received: reject a calling AE title bound to other hosts (``node.allowed_callers``);
+        every other check is pynetdicom's, at negotiation."""
+        st = self._state(event.assoc)
+        st.listener = listener
+        rq = event.assoc.requestor
+        calling = str(rq.primitive.calling_ae_title).strip()
+        st.calling_ae = calling
+        refusal = self.callers.host_refusal(calling, str(rq.address))
+        if refusal is None:
+            return
+        reason = f"association rejected: {refusal}"
+        log.warning(reason, extra={"association": st.id, "calling_ae": calling, "peer": st.address})
+        self.metrics.associations_rejected.labels("caller_host").inc()
+        self._assocs.pop(id(event.assoc), None)
+        # Rejected permanent, by the service user, "calling AE title not recognised": the closest of PS3.8's
+        # reasons; pynetdicom then skips negotiation. kill() returns once the answer is sent and the peer has
+        # closed, as after pynetdicom's own rejections. Recorded after the answer, so the sender does not wait.
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()
+        try:
+            self.db.record_event("association_rejected", reason, calling_ae_title=calling, association_id=st.id)
+        except Exception as exc:
+            log.error(f"cannot record rejection: {exc}", extra={"association": st.id})
+
     def _on_accepted(self, event: Any) -> None:
         REACTOR_CLOCK.mark_busy()
         st = self._state(event.assoc)
+        self.metrics.associations_accepted.labels(st.listener).inc()
         refused = [cx for cx in event.assoc.rejected_contexts]
         if not refused:
             return
@@ -429,14 +543,24 @@ class StorageSCP:
 
     def _on_rejected(self, event: Any) -> None:
         st = self._state(event.assoc)
-        allowed = self.settings.node.allowed_calling_ae_titles
-        if allowed and st.calling_ae not in allowed:
-            reason = (
-                f"association rejected: calling AE title {st.calling_ae!r} is not in node.allowed_calling_ae_titles"
-            )
+        node = self.settings.node
+        answer = event.assoc.acceptor.primitive
+        why = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
+        if why == (0x03, 0x02):
+            label = "too_many_associations"
+            reason = f"association rejected: node.max_associations={node.max_associations} associations are open"
+        elif why == (0x01, 0x07):
+            label = "called_ae_title"
+            called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+            reason = f"association rejected: called AE title {called!r} is not ours ({node.ae_title})"
+        elif why == (0x01, 0x03) or (self.callers.known and st.calling_ae not in self.callers.known):
+            label = "calling_ae_title"
+            lists = "node.allowed_calling_ae_titles" + (" or node.allowed_callers" if node.allowed_callers else "")
+            reason = f"association rejected: calling AE title {st.calling_ae!r} is not in {lists}"
         else:
-            limit = self.settings.node.max_associations
-            reason = f"association rejected (limit node.max_associations={limit} or called AE title)"
+            label = "other"
+            reason = f"association rejected (source {why[0]}, reason {why[1]})"
+        self.metrics.associations_rejected.labels(label).inc()
         log.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae, "peer": st.address})
         self.db.record_event("association_rejected", reason, calling_ae_title=st.calling_ae, association_id=st.id)
         self._assocs.pop(id(event.assoc), None)
@@ -483,9 +607,11 @@ class StorageSCP:
     def _on_store(self, event: Any) -> Any:
         with self._in_flight_cv:
             self._in_flight += 1
+        t0 = time.perf_counter()
         try:
             return self._store(event)
         finally:
+            self.metrics.store_seconds.observe(time.perf_counter() - t0)
             REACTOR_CLOCK.mark_busy()
             with self._in_flight_cv:
                 self._in_flight -= 1
@@ -493,6 +619,7 @@ class StorageSCP:
 
     def _refuse(self, st: _AssocState, exc: Refused, data: bytes | None, meta: bytes | None, sop: str) -> Dataset:
         st.refused += 1
+        self.metrics.instances_refused.labels(refusal_reason(exc.status)).inc()
         qpath = None
         if exc.quarantine and data is not None:
             try:
@@ -530,6 +657,7 @@ class StorageSCP:
             )
             return STATUS_SUCCESS
         data: bytes = event.encoded_dataset(include_meta=False)
+        self.metrics.received_bytes.inc(len(data))
         try:
             self.spool.check_space(len(data) + 1024)
         except DiskFull as exc:
@@ -583,6 +711,7 @@ class StorageSCP:
             stored.previous_path.unlink(missing_ok=True)
         st.stored += 1
         st.bytes += size
+        self.metrics.instances_received.inc()
         if self.on_stored is not None:
             try:
                 self.on_stored(rec)

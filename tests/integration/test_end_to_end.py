@@ -116,6 +116,14 @@ def test_storescu_to_node_to_storescp(
             assert received and len(received) == 1
             _assert_seg_matches(received[0], lung1_series, file_mode_label, tmp_path)
             assert pacs.store_requests() == 1
+            # Every stage of the job was timed into the node's metrics, and each model request too.
+            m = node.metrics
+            for stage in ("decode", "reconstruct", "inference", "seg", "export"):
+                assert m.registry.get_sample_value("dicom_node_stage_duration_seconds_count", {"stage": stage}) == 1
+            requests = m.registry.get_sample_value(
+                "dicom_node_inference_request_duration_seconds_count", {"backend": "onnxruntime"}
+            )
+            assert requests is not None and requests >= 1
         finally:
             node.stop(grace_s=5)
 
@@ -195,6 +203,7 @@ def served_default_node(tmp_path: Path, model_repository: Path) -> Iterator[tupl
         "DICOM_NODE__INFERENCE__TRITON__URL": f"127.0.0.1:{grpc}",
         "DICOM_NODE__INFERENCE__TRITON__HTTP_PORT": str(http),
         "DICOM_NODE__INFERENCE__TRITON__METRICS_PORT": str(metrics),
+        "DICOM_NODE__HTTP__PORT": str(free_port()),
     }
     if not bundled.is_file():
         env["DICOM_NODE__INFERENCE__MODEL_REPOSITORY"] = str(model_repository)

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from dicom_node import admin
-from dicom_node.db import Database, ExportStore, ExportTarget
+from dicom_node.db import Database, ExportItem, ExportStore, ExportTarget
 from dicom_node.errors import NodeError, Rejected
 from dicom_node.jobs import TRANSITIONS, FailureStage, IllegalTransition, Job, JobOutcome, JobState, sources_of
 from dicom_node.processing import SeriesProcessor
@@ -115,6 +115,12 @@ class ScriptedProcessor:
 
     def on_stored(self, record: InstanceRecord) -> None: ...
 
+    def backend_problem(self) -> str | None:
+        return None
+
+    def backend_endpoints(self) -> tuple[()]:
+        return ()
+
     def process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
         self.calls += 1
         outcome = self.outcomes.pop(0)
@@ -205,7 +211,8 @@ def test_retry_resends_an_export_failure_and_reruns_anything_else(
     db.claim(60)
     assert db.transition(job.id, JobState.EXPORTING, "queued for 1 destination")
     store = ExportStore.open(db.path)
-    store.enqueue(job.id, "9.9.1", "9.9", "1.2", tmp_path / "seg.dcm", [ExportTarget("P@h:1", "P", "h", 1, "N")], 0)
+    item = ExportItem("SEG", "9.9.1", "9.9", "1.2", tmp_path / "seg.dcm")
+    store.enqueue(job.id, [item], [ExportTarget("P@h:1", "P", "h", 1, "N")], 0)
     store.conn.execute("UPDATE outbox SET state='failed', reason='refused'")
     assert db.transition(job.id, JobState.FAILED, "export failed: refused", stage=FailureStage.EXPORT)
 
