@@ -47,6 +47,10 @@ class StorageLocked(NodeError):
     """Another node serves from the storage folder."""
 
 
+FULL_DISK_BYTES = 1024 * 1024
+"""Below this much free space a start-up failure of the state database is taken for a full disk."""
+
+
 class StorageFull(NodeError):
     """The storage folder's disk is full at start: nothing can be recorded, so the node does not start."""
 
@@ -96,9 +100,11 @@ class Node:
             self.db = Database(self.storage / DB_NAME)
             recover(self.settings, self.db, self.spool)
         except (sqlite3.Error, OSError) as exc:
-            if not is_disk_full(exc):
-                raise
             free = shutil.disk_usage(self.storage).free
+            # SQLite reports a full disk as "disk is full", or as a plain I/O error when it cannot even create
+            # its WAL index: judge by the free space too.
+            if not (is_disk_full(exc) or free < max(st.reserve_bytes, FULL_DISK_BYTES)):
+                raise
             self._release_storage()
             raise StorageFull(
                 f"storage {self.storage}: the disk is full ({free} bytes free), so start-up recovery cannot record "
