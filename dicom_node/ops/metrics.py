@@ -103,7 +103,10 @@ class NodeMetrics:
             "dicom_node_job_outcomes", "Outcomes of job runs recorded by the workers", ["outcome"], registry=r
         )
         self.export_attempts = Counter(
-            "dicom_node_export_attempts", "C-STORE sends of a SEG, by destination", ["destination"], registry=r
+            "dicom_node_export_attempts",
+            "C-STORE sends of an object (SEG, SR, overlay), by destination",
+            ["destination"],
+            registry=r,
         )
         self.export_failures = Counter(
             "dicom_node_export_failures",
@@ -244,7 +247,7 @@ class _StateFamilies:
             "dicom_node_series_completed", "Series runs declared complete (read from the state database)"
         )
         self.exports = GaugeMetricFamily(
-            "dicom_node_exports", "Outbox rows (one SEG x one destination) in each state", labels=["state"]
+            "dicom_node_exports", "Outbox rows (one object x one destination) in each state", labels=["state"]
         )
         self.queue_depth = GaugeMetricFamily(
             "dicom_node_queue_depth",
