@@ -31,6 +31,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free loopback ports (the sockets are held open together, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [int(s.getsockname()[1]) for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def node_config(storage: Path, port: int, /, **sections: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": port},

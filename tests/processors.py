@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dicom_node.daemon import Node
 from dicom_node.errors import Rejected
 from dicom_node.jobs import FailureStage, Job, JobOutcome
 from dicom_node.series.reconstruct import reconstruct
@@ -46,3 +52,18 @@ class ReconstructingProcessor:
         self.volumes[job.id] = volume
         size = volume.image.GetSize()
         return JobOutcome.done(f"reconstructed {size[0]}x{size[1]}x{size[2]} volume (no inference in this processor)")
+
+
+@contextlib.contextmanager
+def running_node(storage: Path, /, **sections: Any) -> Iterator[Node]:
+    """An in-process node on a free port that stops at reconstruction (the production processor, with inference
+    and SEG, is tested end to end in test_end_to_end.py)."""
+    from tests.dimse import free_port, settings_for
+
+    settings = settings_for(storage, free_port(), **sections)
+    node = Node(settings, processor=ReconstructingProcessor(settings))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop(grace_s=5)

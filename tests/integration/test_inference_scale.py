@@ -4,7 +4,6 @@ agreeing with the whole grid; and two real tritonservers, one killed mid-job, as
 from __future__ import annotations
 
 import dataclasses
-import socket
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from inference.triton_backend import TritonBackend
 from inference.triton_fleet import TritonFleet
 from inference.triton_server import ManagedTriton, TritonServerOptions
 from tests import factories
+from tests.dimse import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +64,6 @@ def lung1_with_ggo(shared_data: Path) -> sitk.Image:
     return image
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_lung_windows_agree_with_the_whole_grid_on_both_backends(
     lung1_with_ggo: sitk.Image, inference_spec: InferenceSpec, model_repository: Path, triton_server: ManagedTriton
 ) -> None:
@@ -102,7 +92,7 @@ def test_a_fleet_survives_a_server_killed_mid_job(
     spec = _windows(inference_spec, "lung_fields", batch_size=1)  # 4 requests: room to lose a server between two
     with TritonBackend(spec, triton_server.grpc_url) as single:
         reference = segment(lung1_image, spec, single)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     second = ManagedTriton(
         model_repository,
         TritonServerOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, startup_timeout_s=120),

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,12 @@ from tests.dimse import (
     echoscu,
     free_port,
     node_config,
-    settings_for,
     storescu,
     wait_for,
     wait_port,
     write_config,
 )
-from tests.processors import ReconstructingProcessor
+from tests.processors import ReconstructingProcessor, running_node
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -46,19 +43,6 @@ def lung1_series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("lung1_jpll")
     image = factories.read_volume(shared_data / "chest_ct_volumes" / "lung1_image.nrrd")
     return factories.write_ct_series(image, out, transfer_syntax=JPEGLosslessSV1, shuffle=True, tag="lung1-recv")
-
-
-@contextlib.contextmanager
-def running_node(storage: Path, /, **sections: dict[str, Any]) -> Iterator[Node]:
-    settings = settings_for(storage, free_port(), **sections)
-    # Reception tests stop at reconstruction: the production processor (inference, SEG) is tested end to end
-    # in test_end_to_end.py.
-    node = Node(settings, processor=ReconstructingProcessor(settings))
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop(grace_s=5)
 
 
 def jobs_of(node: Node, series_uid: str) -> list[Any]:

@@ -35,7 +35,7 @@ from tests import factories
 from tests.certs import Pki, make_pki
 from tests.dicom_peers import wait_port
 from tests.dimse import DCMTK_ENV, ECHOSCU, NODE_AET, STORESCP, STORESCU, echoscu, free_port, settings_for, wait_for
-from tests.processors import ReconstructingProcessor
+from tests.processors import ReconstructingProcessor, running_node
 
 pytestmark = pytest.mark.integration
 
@@ -49,17 +49,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def few_slices(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> factories.WrittenSeries:
     image = factories.read_volume(shared_data / "chest_ct_volumes" / "lung1_image.nrrd")
     return factories.write_ct_series(image[:, :, :3], tmp_path_factory.mktemp("tls_series"), tag="tls-lung1")
-
-
-@contextlib.contextmanager
-def running_node(storage: Path, /, **sections: Any) -> Iterator[Node]:
-    settings = settings_for(storage, free_port(), **sections)
-    node = Node(settings, processor=ReconstructingProcessor(settings))
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop(grace_s=5)
 
 
 def events(node: Node, kind: str) -> list[Any]:

@@ -26,21 +26,12 @@ from inference.onnx_backend import OnnxRuntimeBackend
 from inference.spec import InferenceSpec
 from inference.triton_backend import TritonBackend
 from inference.triton_server import ManagedTriton, TritonServerOptions
+from tests.dimse import free_ports
 
 pytestmark = pytest.mark.integration
 
 DICOM_NODE = Path(sys.executable).with_name("dicom-node")
 MODEL = "segmentation_ct_covid_lesion_v1"
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _url(server: ManagedTriton, protocol: str) -> str:
@@ -202,7 +193,7 @@ def test_model_missing_from_repository_fails_before_starting(tmp_path: Path) -> 
     (tmp_path / "other_model" / "1").mkdir(parents=True)
     (tmp_path / "other_model" / "config.pbtxt").write_text('name: "other_model"\nbackend: "python"\n')
     options = TritonServerOptions(
-        models=(MODEL,), **dict(zip(("http_port", "grpc_port", "metrics_port"), _free_ports(3), strict=True))
+        models=(MODEL,), **dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3), strict=True))
     )
     with pytest.raises(ModelMismatch) as info:
         ManagedTriton(tmp_path, options).start()
@@ -217,7 +208,7 @@ def test_model_that_fails_to_load_names_model_and_quotes_log(tmp_path: Path, mod
     src = model_repository / MODEL
     (repo / MODEL / "config.pbtxt").write_text((src / "config.pbtxt").read_text())
     (repo / MODEL / "1" / "model.py").write_text((src / "1" / "model.py").read_text())
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     server = ManagedTriton(
         repo, TritonServerOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, startup_timeout_s=60)
     )
@@ -232,7 +223,7 @@ def test_model_that_fails_to_load_names_model_and_quotes_log(tmp_path: Path, mod
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unreachable_server_is_backend_unavailable_fast(inference_spec: InferenceSpec, protocol: str) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     url = f"127.0.0.1:{port}"
     t0 = time.perf_counter()
     with TritonBackend(inference_spec, url, protocol=protocol, connect_timeout_s=2.0) as backend:  # type: ignore[arg-type]
@@ -246,7 +237,7 @@ def test_infer_retries_connection_errors_a_bounded_number_of_times(
     triton_server: ManagedTriton, inference_spec: InferenceSpec
 ) -> None:
     """Checked against a live server, then pointed at a dead port: infer gives up after 1 + retries attempts."""
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     backend = TritonBackend(inference_spec, triton_server.grpc_url, retries=2, retry_backoff_s=0.01)
     try:
         backend.check()
@@ -297,7 +288,7 @@ def test_open_backend_starts_a_managed_server_and_stops_it(
     from dicom_node.inference_runtime import open_backend
     from dicom_node.settings import Settings
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     settings = Settings.model_validate(
         {
             "inference": {
@@ -324,7 +315,7 @@ def test_open_backend_onnxruntime(inference_spec: InferenceSpec, model_repositor
 
 
 def test_dicom_node_triton_starts_and_stops_on_sigterm(tmp_path: Path, model_repository: Path) -> None:
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     cfg = tmp_path / "node.yaml"
     cfg.write_text(
         f"inference:\n  triton:\n    url: 127.0.0.1:{grpc}\n    http_port: {http}\n    grpc_port: {grpc}\n"
@@ -390,7 +381,7 @@ def _infer(settings: Path, inp: Path, out: Path, *extra: str) -> subprocess.Comp
 def test_cli_triton_unreachable_one_line(
     tmp_path: Path, small_input: Path, model_repository: Path, repo_root: Path
 ) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     cfg = tmp_path / "node.yaml"
     cfg.write_text(
         f"inference:\n  config: {repo_root / 'config' / 'config_inference.json'}\n"
@@ -413,7 +404,7 @@ def test_cli_managed_model_file_missing_one_line(tmp_path: Path, small_input: Pa
     src = repo_root / "models" / MODEL
     (repo / MODEL / "config.pbtxt").write_text((src / "config.pbtxt").read_text())
     (repo / MODEL / "1" / "model.py").write_text((src / "1" / "model.py").read_text())
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     cfg = tmp_path / "node.yaml"
     cfg.write_text(
         f"inference:\n  config: {repo_root / 'config' / 'config_inference.json'}\n  model_repository: {repo}\n"
