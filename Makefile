@@ -59,7 +59,7 @@ unit: install-test
 bench: install-test apt-test-deps
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
-# Retrain the reference model from scratch (CPU, about 45-60 min on 2 cores): models/training/README.md.
+# Retrain the reference model from scratch (CPU, about 105 min on 2 cores, within 120): models/training/README.md.
 SEED ?= 0
 train: install
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0

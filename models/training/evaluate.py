@@ -56,8 +56,10 @@ def segment_volume(img: sitk.Image, onnx_path: Path, threads: int = 2, lung_fiel
     return sitk.GetArrayFromImage(res.label) > 0
 
 
-def lesion_metrics(gt: np.ndarray, pred: np.ndarray, spacing_xyz) -> list[dict]:
-    cc = simulate.components(gt)
+def lesion_metrics(gt: np.ndarray, pred: np.ndarray, spacing_xyz, labels: np.ndarray | None = None) -> list[dict]:
+    """Dice and detection per lesion: a 26-connected component of ``gt``, or per region of ``labels`` (an integer
+    labelling of ``gt``'s voxels, 0 elsewhere) when given."""
+    cc = simulate.components(gt) if labels is None else labels
     vox = float(np.prod(spacing_xyz))
     margin = (1, int(np.ceil(5.0 / spacing_xyz[1])), int(np.ceil(5.0 / spacing_xyz[0])))
     out = []

@@ -38,6 +38,26 @@ POOL_VERSION = 2
 TRAIN_BACKGROUNDS = ("lung1", "lidc_idri_0028", "lidc_idri_0306", "lidc_idri_0350", "lidc_idri_0001")
 PHASE1_P_FG, PHASE1_P_HARD = 0.5, 0.2  # phase 1's shares of lesion- and hard-negative-centred patches
 CACHE = Path(__file__).resolve().parent / ".cache"
+# What each recipe sets where an option is not given. v1 is the shipped model's (trained on a CPU with bfloat16,
+# whose float32 layout was "contiguous"); v2 fits 120 minutes on a 2-core AVX2 CPU (about 1 iteration a second).
+RECIPES: dict[str, dict[str, object]] = {
+    "v1": {
+        "iters": 8000,
+        "finetune_iters": 2000,
+        "phase1_precision": "fp32",
+        "memory_format": "contiguous",
+        "lesion_sampling": "voxel",
+        "n_phantoms": 22,
+    },
+    "v2": {
+        "iters": 3500,
+        "finetune_iters": 1000,
+        "phase1_precision": "fp32",
+        "memory_format": "channels_last",
+        "lesion_sampling": "both",
+        "n_phantoms": 6,
+    },
+}
 
 
 # ----------------------------------------------------------------------------------------------- the pool
@@ -114,6 +134,43 @@ def _patterns_for(k: int, rng: np.random.Generator) -> tuple[str, ...]:
         second = patterns.PATTERNS[int(rng.integers(len(patterns.PATTERNS)))]
         return tuple(dict.fromkeys((first, second)))
     return (first,)
+
+
+def build_pool_v1(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Model v1's pool (the shipped model's): lung1 with ellipsoid GGOs (``simulate.insert_ggo``), a lesion-free
+    copy, and phantoms; reproduces the committed model with ``--recipe v1``."""
+    spec = common.spec()
+    sp = tuple(float(v) for v in spec.pre.spacing_mm)
+    cache = CACHE / f"pool_v1_seed{seed}_r{n_real}_p{n_phantoms}"
+    files = sorted(cache.glob("*.npz")) if cache.is_dir() else []
+    if len(files) == n_real + 1 + n_phantoms:
+        log(f"pool: loading {len(files)} volumes from {cache}")
+        return [dict(np.load(f)) for f in files]
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rng = np.random.default_rng([seed, 1])
+    pool: list[dict] = []
+    img, solid = common.load_real(common.TRAIN_BACKGROUND)
+    img_m = common.to_model_grid(img, spec)
+    solid_m = sitk.GetArrayFromImage(common.to_model_grid(common.with_array(solid.astype(np.float32), img), spec, True))
+    solid_m = solid_m > 0.5
+    hu = sitk.GetArrayFromImage(img_m)
+    lung = simulate.lung_mask(hu, sp)
+    hard = _hard_negatives(hu, lung, solid_m, sp)
+    pool.append(_item(hu, np.zeros(hu.shape, np.uint8), hard, spec, rng))  # lesion-free copy
+    for _ in range(n_real):
+        hu2, lab, _les = simulate.insert_ggo(hu, sp, rng, int(rng.integers(3, 13)), exclude=solid_m, lung=lung)
+        pool.append(_item(hu2, lab, hard, spec, rng))
+    for k in range(n_phantoms):
+        vol, nod = simulate.make_phantom(rng, sp)
+        plung = simulate.lung_mask(vol, sp)
+        n = 0 if k % 8 == 7 else int(rng.integers(2, 11))
+        hu2, lab, _les = simulate.insert_ggo(vol, sp, rng, n, exclude=nod, lung=plung)
+        pool.append(_item(hu2, lab, _hard_negatives(vol, plung, nod, sp), spec, rng))
+    for i, it in enumerate(pool):
+        np.savez(cache / f"{i:03d}.npz", **it)
+    log(f"pool: built {len(pool)} volumes in {time.time() - t0:.0f} s -> {cache}")
+    return pool
 
 
 def index_lesions(pool: list[dict], min_voxels: int = 20, per_lesion: int = 2000) -> None:
@@ -272,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--iters", type=int, default=3500)
+    ap.add_argument("--iters", type=int, default=None, help="phase 1 iterations (recipe: 8,000 v1, 3,500 v2)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=(96, 96, 16), help="x y z voxels (multiples of 8)")
     ap.add_argument("--norm", choices=common.NORMS, default="batch", help="normalisation layers (common.make_net)")
@@ -287,18 +344,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--phase1-precision",
         choices=("bf16", "fp32"),
-        default="fp32",
+        default=None,
         help="phase 1's forward pass: bfloat16 autocast (weights, optimiser and loss stay float32; about 1.4x faster "
         "on a CPU with AVX512-BF16) or float32 throughout. Phase 2 is always float32, as inference is.",
     )
     ap.add_argument(
         "--memory-format",
         choices=("channels_last", "contiguous"),
-        default="channels_last",
+        default=None,
         help="tensor layout in training: channels_last_3d is about 1.45x faster on the CPU (same float32 maths, "
         "other summation order); 'contiguous' reproduces runs made before it existed",
     )
-    ap.add_argument("--finetune-iters", type=int, default=1000, help="phase 2: hard-negative-heavy iterations")
+    ap.add_argument(
+        "--finetune-iters", type=int, default=None, help="phase 2: hard-negative-heavy iterations (2,000 v1, 1,000 v2)"
+    )
     ap.add_argument("--finetune-final-iters", type=int, default=0)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
     ap.add_argument(
@@ -325,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lesion-sampling",
         choices=("voxel", "phase2", "both"),
-        default="both",
+        default=None,
         help="lesion-centred patches: centred on a random GGO voxel ('voxel': big lesions dominate) or on a random "
         "lesion (uniform over lesions, see index_lesions) in phase 2 only or in both phases",
     )
@@ -338,18 +397,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--phase1-weights", type=Path, default=None, help="skip phase 1: its model_phase1.pt (same seed)")
     ap.add_argument(
-        "--n-per-background", type=int, default=8, help="copies of each training background with simulated patterns"
+        "--n-per-background", type=int, default=8, help="v2: copies of each training background with patterns"
     )
-    ap.add_argument("--n-phantoms", type=int, default=6)
+    ap.add_argument("--n-real", type=int, default=16, help="v1: lung1 copies with inserted GGO")
+    ap.add_argument("--n-phantoms", type=int, default=None, help="procedural phantoms (22 v1, 6 v2)")
+    ap.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="v2",
+        help="v2: the five backgrounds with COVID-19 patterns (issue 17); v1: the shipped model's recipe (lung1 with "
+        "ellipsoid GGOs), which reproduces the committed model. Options left unset take the recipe's values.",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (see README)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
     args = ap.parse_args(argv)
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.bn_recalibrate > 0 and args.finetune_bn != "frozen":
         ap.error("--bn-recalibrate re-estimates statistics for a frozen phase 2: it needs --finetune-bn frozen")
 
     # Imported now, not after training: an edit to the inference package during a run must not meet modules
     # loaded an hour earlier.
+    import evaluate
     import evaluate_patterns
     import export
     import torch
@@ -369,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     t_start = time.time()
-    pool, args.n_real = build_pool(args.seed, args.n_per_background, args.n_phantoms, log)
+    if args.recipe == "v1":
+        pool = build_pool_v1(args.seed, args.n_real, args.n_phantoms, log)
+    else:
+        pool, args.n_real = build_pool(args.seed, args.n_per_background, args.n_phantoms, log)
     if args.lesion_sampling != "voxel":
         index_lesions(pool)
         log(f"pool: {sum(len(it['lesions']) for it in pool)} lesions indexed for lesion-balanced sampling")
@@ -537,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = args.out / "model.onnx"
     export.export(net, onnx_path)
     info = {
+        "recipe": args.recipe,
         "seed": args.seed,
         "norm": args.norm,
         "init_filters": args.init_filters,
@@ -570,7 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2))
     if not args.no_eval:
-        metrics = evaluate_patterns.evaluate_patterns(onnx_path, log=log, figures=args.out / "figures")
+        if args.recipe == "v1":
+            metrics = evaluate.evaluate(onnx_path, log=log)
+        else:
+            metrics = evaluate_patterns.evaluate_patterns(onnx_path, log=log, figures=args.out / "figures")
         metrics["training"] = info
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if args.install:

@@ -1,8 +1,10 @@
-"""Issue 4's held-out acceptance, measured on the committed model in the suite itself rather than only quoted.
+"""Issue 17's held-out acceptance, measured on the committed model in the suite itself rather than only quoted.
 
-``models/training/evaluate.py`` inserts 5 x 12 ground-glass opacities (seeds that training never used) into the
-held-out real background (lung2), runs every volume through the node's own pipeline on ONNX Runtime with the
-bundled ``config_inference.json``, and scores on the CT's own grid. About two minutes on two cores.
+``models/training/evaluate_patterns.py`` draws each COVID-19 pattern with the evaluation settings (bands of every
+parameter range that training never drew) into the held-out real background lung2, runs every volume through the
+node's own pipeline on ONNX Runtime with the bundled ``config_inference.json``, and scores on the CT's own grid.
+The suite runs the first case of each pattern on lung2 (the model card's evaluation runs two cases on each of
+two held-out backgrounds, seeds identical), plus lung1 and lung2 as they are: about three minutes on two cores.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINING = REPO / "models" / "training"
 
 
+def _reference() -> dict:  # type: ignore[type-arg]
+    return json.loads((TRAINING / "reference_metrics_patterns.json").read_text())["metrics"]  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="module")
 def heldout(shared_data: Path) -> dict:  # type: ignore[type-arg]
     from tests.model_export import COMMITTED_ONNX
@@ -25,37 +31,52 @@ def heldout(shared_data: Path) -> dict:  # type: ignore[type-arg]
         pytest.skip("no committed model")
     sys.path.insert(0, str(TRAINING))
     try:
-        import evaluate
+        import evaluate_patterns
     finally:
         sys.path.remove(str(TRAINING))
-    # Without the raw (no lung fields) runs, which no assertion reads: about 80 s of the suite.
-    return evaluate.evaluate(COMMITTED_ONNX, log=lambda _msg: None, without_lung_fields=False)  # type: ignore[no-any-return]
+    return evaluate_patterns.evaluate_patterns(  # type: ignore[no-any-return]
+        COMMITTED_ONNX, cases=1, log=lambda _msg: None, heldout=("lung2",), clean=("lung1", "lung2")
+    )
 
 
-def test_heldout_false_positives_and_solid_lesions(heldout: dict) -> None:  # type: ignore[type-arg]
-    """<= 5 mL marked on the lesion-free held-out scan; no solid-lesion voxel marked on either real scan."""
-    assert heldout["heldout_background"] == "lung2"
-    assert heldout["fp_volume_ml_lesion_free_heldout"] <= 5.0, heldout
-    for name, clean in heldout["clean_volumes"].items():
-        assert clean["solid_lesion_voxels_marked_ggo"] == 0, name
-
-
-@pytest.mark.xfail(strict=True, reason="issue 4 is open: the bundled model's held-out Dice is 0.74, the target 0.80")
-def test_heldout_dice_meets_issue_4(heldout: dict) -> None:  # type: ignore[type-arg]
-    """Mean Dice >= 0.80 over at least 30 inserted lesions >= 10 mm. Strict: a model that meets it turns this
-    test red until the mark comes off."""
-    assert heldout["lesions_ge_10mm"] >= 30
-    assert heldout["dice_ge_10mm_mean"] >= 0.80, heldout
+def test_heldout_false_positives_and_solid_nodules(heldout: dict) -> None:  # type: ignore[type-arg]
+    """<= 5 mL marked on the clean held-out scan; no solid nodule with more than 1 % of its voxels marked."""
+    clean = heldout["clean_volumes"]
+    assert clean["lung2"]["fp_volume_ml"] <= 5.0, clean
+    for name, entry in clean.items():
+        assert entry["solid_nodules"] >= 1, name
+        assert entry["solid_max_fraction_marked"] <= 0.01, (name, entry)
 
 
 def test_heldout_matches_the_model_card(heldout: dict) -> None:  # type: ignore[type-arg]
-    """The committed reference_metrics.json is what this very file measures (up to floating-point noise between
-    CPUs), so the model card cannot drift from the model."""
-    ref = json.loads((TRAINING / "reference_metrics.json").read_text())["metrics"]
-    assert heldout["lesions_total"] == ref["lesions_total"]
-    assert heldout["lesions_ge_10mm"] == ref["lesions_ge_10mm"]
-    for key in ("dice_ge_10mm_mean", "dice_ge_10mm_median", "sensitivity_ge_10mm", "voxel_dice_all_insertions"):
-        assert heldout[key] == pytest.approx(ref[key], abs=0.01), key
-    assert heldout["fp_volume_ml_lesion_free_heldout"] == pytest.approx(
-        ref["fp_volume_ml_lesion_free_heldout"], abs=0.25
-    )
+    """The committed reference_metrics_patterns.json is what this very code measures (up to floating-point noise between
+    CPUs): the same truth volume and, within 2 % or 0.5 mL, the same predicted volume for every pattern's first
+    lung2 case; so the model card cannot drift from the model."""
+    ref = _reference()["by_pattern_and_background"]
+    for pattern, entries in heldout["by_pattern_and_background"].items():
+        got, want = entries["lung2"]["cases"][0], ref[pattern]["lung2"]["cases"][0]
+        assert got["truth_ml"] == pytest.approx(want["truth_ml"], abs=0.05), pattern
+        assert got["pred_ml"] == pytest.approx(want["pred_ml"], rel=0.02, abs=0.5), pattern
+
+
+_NOT_MET = pytest.mark.xfail(strict=True, reason="issue 17 is open: the shipped model misses this pattern's target")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "peripheral",
+        "multifocal",
+        pytest.param("diffuse", marks=_NOT_MET),  # 0.577: faint islands of the generator (MODEL_CARD.md)
+        "crazy_paving",
+        pytest.param("consolidation", marks=_NOT_MET),  # 0.751: consolidated cores marked
+    ],
+)
+def test_model_card_meets_issue_17(pattern: str) -> None:
+    """The model card's full evaluation (two held-out backgrounds, two cases each): Dice >= 0.80 per pattern on
+    regions >= 10 mm, and the diffuse cases' involved volume within 15 %. The previous test ties those figures to
+    the committed model. Strict: a model that meets a target turns its mark red until it comes off."""
+    entry = _reference()["by_pattern"][pattern]
+    assert entry["dice_mean"] >= 0.80, entry
+    if pattern == "diffuse":
+        assert entry["max_abs_volume_error"] <= 0.15, entry
