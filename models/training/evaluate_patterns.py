@@ -41,7 +41,6 @@ from inference.pipeline import segment
 
 EVAL_SEED = 3000
 HELDOUT = ("lung2", "lidc_idri_0295")
-TRAIN = ("lung1", "lidc_idri_0028", "lidc_idri_0306", "lidc_idri_0350", "lidc_idri_0001")
 
 
 class Segmenter:

@@ -1,16 +1,19 @@
-"""Train the reference GGO SegResNet from scratch, export it to ONNX and evaluate it on the held-out background.
+"""Train the reference GGO SegResNet from scratch, export it to ONNX and evaluate it on held-out backgrounds.
 
-    .venv/bin/python models/training/train.py --seed 0 --out models/training/runs/seed0 [--install]
+    .venv/bin/python models/training/train.py --seed 0 --out models/training/runs/seed0 [--recipe v1|v2] [--install]
 
-Steps: (1) build (or load from models/training/.cache/) a pool of training volumes on the model grid: the training
-background (lung1) with ground-glass opacities inserted under several seeds, one lesion-free copy, and procedural
-chest phantoms with GGOs and solid nodules; (2) train on random patches (lesion-centred, hard-negative-centred and
-uniform) with AdamW and Dice + cross-entropy, a fixed number of iterations, 2 threads, fixed seeds: phase 1 with
-BatchNorm on each batch's statistics, phase 2 (hard-negative emphasis) with BatchNorm frozen to its running
-statistics, so the network is tuned on exactly the normalisation inference uses; (3) export
-``model.onnx`` (NV_MODEL_INPUT / NV_MODEL_OUTPUT, N,C,X,Y,Z, dynamic axes); (4) evaluate on lung2, which training
-never sees (``evaluate.py``), writing ``metrics.json``. ``--install`` copies the ONNX file into the Triton model
-repository (models/segmentation_ct_covid_lesion_v1/1/model.onnx).
+Steps: (1) build (or load from models/training/.cache/) a pool of training volumes on the model grid. Recipe v2
+(the default, issue 17): the five ``TRAIN_BACKGROUNDS`` each as they are and with simulated COVID-19 patterns
+(``patterns.py``, training settings), plus phantoms with patterns. Recipe v1 (the shipped model's): lung1 with
+ellipsoid GGOs under several seeds, one lesion-free copy, and phantoms. (2) train on random patches
+(lesion-centred, hard-negative-centred and uniform) with AdamW and Dice + cross-entropy, a fixed number of
+iterations, 2 threads, fixed seeds: phase 1 with BatchNorm on each batch's statistics, phase 2 (hard-negative
+emphasis) with BatchNorm frozen to its running statistics, so the network is tuned on exactly the normalisation
+inference uses; (3) export ``model.onnx`` (NV_MODEL_INPUT / NV_MODEL_OUTPUT, N,C,X,Y,Z, dynamic axes); (4)
+evaluate on backgrounds training never sees, writing ``metrics.json``: v2 with ``evaluate_patterns.py`` (lung2
+and lidc_idri_0295, per pattern, with pictures), v1 with ``evaluate.py`` (lung2, issue 4's protocol).
+``--install`` copies the ONNX file into the Triton model repository
+(models/segmentation_ct_covid_lesion_v1/1/model.onnx).
 """
 
 from __future__ import annotations
@@ -82,6 +85,21 @@ def _hard_negatives(hu: np.ndarray, lung: np.ndarray, solid: np.ndarray, sp) -> 
     return (near & (hu > -600) & simulate.dilate_mm(lung, sp, 2.0)) | solid
 
 
+def _cached_pool(cache: Path, count: int, build, log) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The pool cached in ``cache`` when it holds ``count`` volumes, else ``build()``'s, written there first."""
+    files = sorted(cache.glob("*.npz")) if cache.is_dir() else []
+    if len(files) == count:
+        log(f"pool: loading {len(files)} volumes from {cache}")
+        return [dict(np.load(f)) for f in files]
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pool = build()
+    for i, it in enumerate(pool):
+        np.savez(cache / f"{i:03d}.npz", **it)
+    log(f"pool: built {len(pool)} volumes in {time.time() - t0:.0f} s -> {cache}")
+    return pool  # type: ignore[no-any-return]
+
+
 def build_pool(seed: int, n_per_background: int, n_phantoms: int, log) -> tuple[list[dict], int]:  # type: ignore[no-untyped-def]
     """The training pool on the model grid: for each of ``TRAIN_BACKGROUNDS`` one lesion-free copy and
     ``n_per_background`` copies with simulated COVID-19 patterns (``patterns``, training settings), then procedural
@@ -91,11 +109,11 @@ def build_pool(seed: int, n_per_background: int, n_phantoms: int, log) -> tuple[
     sp = tuple(float(v) for v in spec.pre.spacing_mm)
     n_real_items = len(TRAIN_BACKGROUNDS) * (n_per_background + 1)
     cache = CACHE / f"pool_v{POOL_VERSION}_seed{seed}_b{n_per_background}_p{n_phantoms}"
-    files = sorted(cache.glob("*.npz")) if cache.is_dir() else []
-    if len(files) == n_real_items + n_phantoms:
-        log(f"pool: loading {len(files)} volumes from {cache}")
-        return [dict(np.load(f)) for f in files], n_real_items - 1
-    cache.mkdir(parents=True, exist_ok=True)
+    build = lambda: _pool_v2(seed, n_per_background, n_phantoms, spec, sp, log)  # noqa: E731
+    return _cached_pool(cache, n_real_items + n_phantoms, build, log), n_real_items - 1
+
+
+def _pool_v2(seed: int, n_per_background: int, n_phantoms: int, spec, sp, log) -> list[dict]:  # type: ignore[no-untyped-def]
     t0 = time.time()
     rng = np.random.default_rng([seed, 1])
     pool: list[dict] = []
@@ -121,10 +139,7 @@ def build_pool(seed: int, n_per_background: int, n_phantoms: int, log) -> tuple[
         ins = patterns.insert(ctx, _patterns_for(k, rng), rng, "train", float(rng.uniform(0.5, 1.5)))
         k += 1
         pool.append(_item(ins.hu, ins.label, _hard_negatives(vol, ctx.lung, nod, sp) | ins.core, spec, rng))
-    for i, it in enumerate(pool):
-        np.savez(cache / f"{i:03d}.npz", **it)
-    log(f"pool: built {len(pool)} volumes in {time.time() - t0:.0f} s -> {cache}")
-    return pool, n_real_items - 1
+    return pool
 
 
 def _patterns_for(k: int, rng: np.random.Generator) -> tuple[str, ...]:
@@ -142,12 +157,10 @@ def build_pool_v1(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  
     spec = common.spec()
     sp = tuple(float(v) for v in spec.pre.spacing_mm)
     cache = CACHE / f"pool_v1_seed{seed}_r{n_real}_p{n_phantoms}"
-    files = sorted(cache.glob("*.npz")) if cache.is_dir() else []
-    if len(files) == n_real + 1 + n_phantoms:
-        log(f"pool: loading {len(files)} volumes from {cache}")
-        return [dict(np.load(f)) for f in files]
-    cache.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    return _cached_pool(cache, n_real + 1 + n_phantoms, lambda: _pool_v1(seed, n_real, n_phantoms, spec, sp), log)
+
+
+def _pool_v1(seed: int, n_real: int, n_phantoms: int, spec, sp) -> list[dict]:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng([seed, 1])
     pool: list[dict] = []
     img, solid = common.load_real(common.TRAIN_BACKGROUND)
@@ -167,9 +180,6 @@ def build_pool_v1(seed: int, n_real: int, n_phantoms: int, log) -> list[dict]:  
         n = 0 if k % 8 == 7 else int(rng.integers(2, 11))
         hu2, lab, _les = simulate.insert_ggo(vol, sp, rng, n, exclude=nod, lung=plung)
         pool.append(_item(hu2, lab, _hard_negatives(vol, plung, nod, sp), spec, rng))
-    for i, it in enumerate(pool):
-        np.savez(cache / f"{i:03d}.npz", **it)
-    log(f"pool: built {len(pool)} volumes in {time.time() - t0:.0f} s -> {cache}")
     return pool
 
 
