@@ -751,25 +751,51 @@ class ExportStore:
             cur = self.conn.execute("SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,))
         return [ExportRow.from_row(r) for r in cur.fetchall()]
 
-    def claim(self, now: float) -> tuple[ExportRow | None, float | None]:
-        """The most overdue pending row whose destination has nothing in flight, now ``sending`` with its attempt
-        counted; or (None, when the next pending row is due)."""
+    def claim(self, now: float, limit: int) -> tuple[list[ExportRow], float | None]:
+        """The most overdue pending row whose destination has nothing in flight, and after it up to ``limit - 1``
+        more due rows for the same destination and calling AE title in queue order (one association carries
+        them), all now ``sending`` with their attempt counted, in one transaction; or ([], when the next pending
+        row is due)."""
         with transaction(self.conn) as c:
-            row = c.execute(
+            first = c.execute(
                 """SELECT * FROM outbox
                    WHERE state='pending' AND next_attempt_at <= ?
                      AND destination NOT IN (SELECT destination FROM outbox WHERE state='sending')
                    ORDER BY next_attempt_at, id LIMIT 1""",
                 (now,),
             ).fetchone()
-            if row is None:
+            if first is None:
                 nxt = c.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'").fetchone()[0]
-                return None, None if nxt is None else float(nxt)
+                return [], None if nxt is None else float(nxt)
+            more = c.execute(
+                """SELECT id FROM outbox
+                   WHERE state='pending' AND next_attempt_at <= ? AND destination=? AND calling_ae_title=?
+                     AND id != ?
+                   ORDER BY next_attempt_at, id LIMIT ?""",
+                (now, first["destination"], first["calling_ae_title"], first["id"], limit - 1),
+            ).fetchall()
+            ids = [int(first["id"])] + [int(r["id"]) for r in more]
+            marks = ",".join("?" * len(ids))
             c.execute(
-                "UPDATE outbox SET state='sending', attempts=attempts+1, updated_at=? WHERE id=?", (now, row["id"])
+                f"UPDATE outbox SET state='sending', attempts=attempts+1, updated_at=? WHERE id IN ({marks})",
+                (now, *ids),
             )
-            claimed = c.execute("SELECT * FROM outbox WHERE id=?", (row["id"],)).fetchone()
-        return ExportRow.from_row(claimed), None
+            claimed = {int(r["id"]): r for r in c.execute(f"SELECT * FROM outbox WHERE id IN ({marks})", ids)}
+        return [ExportRow.from_row(claimed[i]) for i in ids], None
+
+    def release(self, row_ids: Sequence[int], next_attempt_at: float, now: float) -> None:
+        """Claimed rows that were never tried (the association was lost before their turn, or the node is
+        stopping) back to ``pending``, their attempt given back: only a send that was tried counts against
+        ``export.max_attempts``."""
+        if not row_ids:
+            return
+        marks = ",".join("?" * len(row_ids))
+        with transaction(self.conn) as c:
+            c.execute(
+                f"UPDATE outbox SET state='pending', attempts=attempts-1, next_attempt_at=?, updated_at=? "
+                f"WHERE state='sending' AND id IN ({marks})",
+                (next_attempt_at, now, *row_ids),
+            )
 
     def record_attempt(self, row_id: int, state: ExportState, next_attempt_at: float, dimse_status: int | None,
                        reason: str | None, now: float) -> None:  # fmt: skip

@@ -294,6 +294,8 @@ class ExportSection(_Section):
     """Wait before a failed send to one destination is tried again."""
     timeout_s: float = Field(60.0, gt=0)
     workers: int = Field(2, ge=1, le=32)
+    batch_size: int = Field(64, ge=1, le=1000)
+    """Objects sent to one destination over one association (a job's SEG, SR and overlay images go together)."""
 
 
 class SegSection(_Section):
@@ -322,7 +324,7 @@ class SrSection(_Section):
 class OverlaySection(_Section):
     """Secondary Capture images of the CT in a lung window with the ground-glass outline and a banner burned in,
     for viewers that do not display SEG. Off by default: one uncompressed RGB image (about 0.8 MB for 512 x 512)
-    per source slice with a finding, each its own association per destination, is a lot to put in every study."""
+    per source slice with a finding is a lot to put in every study."""
 
     enabled: bool = False
     series_number: int = Field(9903, ge=0, le=2**31 - 1)

@@ -80,9 +80,13 @@ class StoreSCP:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file()) if self.out_dir.exists() else []
 
     def store_requests(self) -> int:
-        if not self.log_path.exists():
-            return 0
-        return self.log_path.read_text(errors="replace").count("Received Store Request")
+        return self._log().count("Received Store Request")
+
+    def associations(self) -> int:
+        return self._log().count("Association Acknowledged")  # "Received" counts bare TCP probes too
+
+    def _log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @contextlib.contextmanager
@@ -96,8 +100,9 @@ def storescp(out_dir: Path, port: int | None = None) -> Iterator[StoreSCP]:
 
 @dataclass
 class StatusSCP:
-    """A pynetdicom storage SCP that answers every C-STORE with ``status`` and counts the requests; with
-    ``delay_s``, each answer comes that long after the request (a slow archive)."""
+    """A pynetdicom storage SCP that answers every C-STORE with ``status`` and counts the requests and the
+    associations; with ``delay_s``, each answer comes that long after the request (a slow archive); with
+    ``abort_on``, it aborts the association instead of answering that request (counted from 1), once."""
 
     status: int
     port: int = field(default_factory=free_port)
@@ -105,20 +110,34 @@ class StatusSCP:
     received: list[str] = field(default_factory=list)
     server: Any = None
     delay_s: float = 0.0
+    abort_on: int | None = None
+    associations: int = 0
 
     def start(self) -> StatusSCP:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(SegmentationStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         lock = threading.Lock()
 
-        def handle(event: Any) -> int:
+        requests = 0
+
+        def handle(event: Any) -> int | None:
+            nonlocal requests
             with lock:
+                requests += 1
+                if requests == self.abort_on:
+                    event.assoc.abort()
+                    return None
                 self.received.append(str(event.request.AffectedSOPInstanceUID))
             if self.delay_s:
                 time.sleep(self.delay_s)
             return self.status
 
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
+        def accepted(_event: Any) -> None:
+            with lock:
+                self.associations += 1
+
+        handlers: list[Any] = [(evt.EVT_C_STORE, handle), (evt.EVT_ACCEPTED, accepted)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 
     def stop(self) -> None:

@@ -7,8 +7,14 @@ delivered) | ``failed`` (with the reason), or back to ``pending`` with the node'
 and their SQL are the database layer's (:class:`dicom_node.db.ExportStore`); this module decides.
 The attempt is counted when the row is claimed, before the send, so a crash mid-send still counts.
 
+One association per batch: a sender claims a destination's due rows together (up to ``export.batch_size``, in
+queue order) and sends them over one association (``scu.send_many``), recording each answer as it comes. A row
+the association never reached (lost before its turn, or the node stopping) goes back to ``pending`` with its
+attempt given back, so a peer that drops the association on one object does not use up the attempts of the
+objects behind it.
+
 Not blocking anyone: sends run on the outbox's own threads (never a DIMSE handler's or a job worker's), at most
-one send in flight per destination, and there are at least as many threads as configured destinations
+one association in flight per destination, and there are at least as many threads as configured destinations
 (``max(export.workers, len(destinations))``), so a destination that is down, even one that swallows
 connections until the timeout, never delays another destination or new receptions.
 
@@ -27,18 +33,19 @@ job's failed rows back to ``pending`` with a fresh attempt count and re-arms the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from dicom_node import db as dbmod
 from dicom_node.db import ACCEPTED_EXPORT_STATES, ExportItem, ExportRow, ExportState, ExportStore, ExportTarget
-from dicom_node.export.scu import destination_key, send
+from dicom_node.export.scu import destination_key, send_many
 from dicom_node.ops.metrics import NodeMetrics
 from dicom_node.settings import Destination, ExportSection, Settings
 from dicom_node.types import SendResult, SendStatus
@@ -49,7 +56,8 @@ POLL_INTERVAL_S = 1.0
 """Longest a worker sleeps without looking at the database (rows re-queued by `dicom-node retry` from another
 process are picked up within this)."""
 
-Sender = Callable[[Path, Destination, str, float], SendResult]
+Sender = Callable[[Sequence[Path], Destination, str, float], Generator[SendResult, None, None]]
+"""``scu.send_many``'s shape: one result per file tried, in order, stopping early when the rest were not tried."""
 
 
 class Exportable(Protocol):
@@ -104,7 +112,7 @@ class Outbox:
         calling_ae_title: str,
         destinations: Sequence[Destination] = (),
         on_job_settled: JobCallback | None = None,
-        sender: Sender = send,
+        sender: Sender = send_many,
         clock: Callable[[], float] = time.time,
         metrics: NodeMetrics | None = None,
     ) -> None:
@@ -228,31 +236,67 @@ class Outbox:
             while not self._stopping.is_set():
                 try:
                     now = self._clock()
-                    row, due = store.claim(now)
+                    rows, due = store.claim(now, self.export.batch_size)
                     wait = POLL_INTERVAL_S if due is None else min(POLL_INTERVAL_S, max(0.01, due - now))
                 except sqlite3.Error:
                     log.exception("outbox: cannot claim a row", extra={"event": "export_error"})
-                    row, wait = None, POLL_INTERVAL_S
-                if row is None:
+                    rows, wait = [], POLL_INTERVAL_S
+                if not rows:
                     with self._wake:
                         if not self._stopping.is_set():
                             self._wake.wait(wait)
                     continue
-                self._attempt(store, row)
+                self._attempt(store, rows)
         finally:
             store.close()
 
-    def _attempt(self, store: ExportStore, row: ExportRow) -> None:
-        dest = self._configured.get(row.destination) or Destination(
-            ae_title=row.dest_ae_title, host=row.dest_host, port=row.dest_port
+    def _attempt(self, store: ExportStore, rows: Sequence[ExportRow]) -> None:
+        """Send the claimed ``rows`` (one destination, in queue order) over one association and record each
+        answer as it comes; rows not tried (the association was lost before their turn, or the node is
+        stopping) go back to pending with their attempt given back."""
+        first = rows[0]
+        dest = self._configured.get(first.destination) or Destination(
+            ae_title=first.dest_ae_title, host=first.dest_host, port=first.dest_port
         )
+        settled: dict[int, None] = {}
+        done = 0
+        retry_at = self._clock()
         t0 = time.monotonic()
         try:
-            result = self._send(Path(row.path), dest, row.calling_ae_title, self.export.timeout_s)
-        except Exception as exc:  # a bug in the sender must not kill the thread or lose the row
-            log.exception("outbox: sender raised", extra={"event": "export_error", "row": row.id})
-            result = SendResult(row.destination, SendStatus.RETRY, None, f"sender raised {type(exc).__name__}: {exc}")
-        elapsed = time.monotonic() - t0
+            with contextlib.closing(
+                self._send([Path(r.path) for r in rows], dest, first.calling_ae_title, self.export.timeout_s)
+            ) as results:
+                for row in rows:
+                    try:
+                        result = next(results, None)
+                    except Exception as exc:  # a bug in the sender must not kill the thread or lose the row
+                        log.exception("outbox: sender raised", extra={"event": "export_error", "row": row.id})
+                        result = SendResult(row.destination, SendStatus.RETRY, None,
+                                            f"sender raised {type(exc).__name__}: {exc}")  # fmt: skip
+                    if result is None:  # the association was lost before this row's turn
+                        break
+                    elapsed = time.monotonic() - t0
+                    state, next_at = self._record(store, row, result, elapsed)
+                    done += 1
+                    t0 = time.monotonic()
+                    if state == "pending":
+                        retry_at = next_at
+                    else:
+                        settled[row.job_id] = None
+                    if self._stopping.is_set():
+                        break
+        finally:
+            untried = [r.id for r in rows[done:]]
+            if untried:
+                store.release(untried, max(retry_at, self._clock()), self._clock())
+            self._notify()  # the destination is free again for other threads
+        for job_id in settled:
+            self._settle_with(store, job_id)
+
+    def _record(
+        self, store: ExportStore, row: ExportRow, result: SendResult, elapsed: float
+    ) -> tuple[ExportState, float]:
+        """One row's answer: its new state and when it is next due, written, counted and logged."""
         self.metrics.export_attempt(row.destination, result.status in (SendStatus.SUCCESS, SendStatus.WARNING), elapsed)
         now = self._clock()
         state: ExportState
@@ -279,9 +323,7 @@ class Outbox:
                 retry_in_s=round(next_at - now, 1) if state == "pending" else None,
             ),
         )  # fmt: skip
-        self._notify()  # the destination is free again for other threads
-        if state != "pending":
-            self._settle_with(store, row.job_id)
+        return state, next_at
 
     @staticmethod
     def _extra(row: ExportRow, **fields: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""C-STORE SCU: send one file to one destination and say whether to count it delivered, retry, or give up.
+"""C-STORE SCU: send files to one destination over one association and say, for each, whether to count it
+delivered, retry, or give up.
 
-Presentation contexts: the object's SOP class twice, Explicit VR Little Endian alone first, then Implicit VR
+Presentation contexts: each SOP class of the batch twice, Explicit VR Little Endian alone first, then Implicit VR
 Little Endian alone, so an acceptor that takes both gives us Explicit (the encoding of every object the node
 writes; never Deflated, which some archives and dciodvfy cannot read) and one that only takes Implicit still gets
 the object (pynetdicom re-encodes between the two uncompressed syntaxes).
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,69 +93,119 @@ def classify_status(status: int) -> tuple[SendStatus, str]:
 
 
 def send(path: Path, destination: Destination, calling_ae_title: str, timeout_s: float) -> SendResult:
-    """C-STORE the DICOM file ``path`` to ``destination``; never raises for network or peer trouble.
+    """C-STORE the one DICOM file ``path`` to ``destination`` (``send_many`` of one file)."""
+    return next(iter(send_many([path], destination, calling_ae_title, timeout_s)))
+
+
+def send_many(
+    paths: Sequence[Path], destination: Destination, calling_ae_title: str, timeout_s: float
+) -> Generator[SendResult, None, None]:
+    """C-STORE the DICOM files ``paths`` to ``destination`` over one association, in order; never raises for
+    network or peer trouble.
+
+    Yields one result per file, as each C-STORE is answered. When the association cannot be made, every file gets
+    the same RETRY result (each was tried, as it would have been on its own). When the association is lost
+    mid-way, the file it was lost on gets RETRY and the iteration stops: the files after it were not tried, and
+    the caller puts them back untouched. One association per batch rather than per file: a job's overlay series
+    is a few dozen images, and each association costs a TCP (and TLS) handshake and an A-ASSOCIATE negotiation
+    on both sides.
 
     ``calling_ae_title`` is used unless the destination names its own; ``timeout_s`` bounds the TCP connect, the
     association negotiation, each DIMSE response and network silence. A destination with ``tls`` is reached over
-    DICOM TLS (its certificate verified against its ``ca_certificates``); the context is built for each send, so
-    renewed certificate files are used without a restart.
+    DICOM TLS (its certificate verified against its ``ca_certificates``); the context is built for each
+    association, so renewed certificate files are used without a restart.
     """
     name = destination_key(destination)
-    try:
-        ds = pydicom.dcmread(path)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        return SendResult(name, SendStatus.FAILED, None, f"cannot read {path}: {exc}")
-    sop_class = str(ds.SOPClassUID)
+    sop_classes: list[str | None] = []  # None: unreadable, reported with ``unreadable``'s reason in its turn
+    unreadable: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            sop_classes.append(str(header.SOPClassUID))
+        except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+            sop_classes.append(None)
+            unreadable[i] = f"cannot read {path}: {exc}"
     tls_args = None
     if destination.tls is not None:
         try:
             tls_args = (client_context(destination.tls, f"destination {name}: tls"), destination.host)
         except ConfigError as exc:  # a file gone since start-up: retried, so a restored file is picked up
-            return SendResult(name, SendStatus.RETRY, None, str(exc))
+            yield from (SendResult(name, SendStatus.RETRY, None, str(exc)) for _ in paths)
+            return
 
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
-    ae.requested_contexts = [
-        build_context(sop_class, [ExplicitVRLittleEndian]),
-        build_context(sop_class, [ImplicitVRLittleEndian]),
+    ae.requested_contexts = [  # a batch holds a few SOP classes (SEG, SR, overlay): far below the 128 allowed
+        build_context(sop_class, [syntax])
+        for sop_class in dict.fromkeys(c for c in sop_classes if c is not None)
+        for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     ]
+    if not ae.requested_contexts:  # nothing readable: no association needed to say so
+        yield from (SendResult(name, SendStatus.FAILED, None, unreadable[i]) for i in range(len(paths)))
+        return
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except (OSError, RuntimeError, ValueError) as exc:
-        return SendResult(name, SendStatus.RETRY, None, f"association failed: {exc}")
+        yield from (SendResult(name, SendStatus.RETRY, None, f"association failed: {exc}") for _ in paths)
+        return
     if not assoc.is_established:
-        if assoc.is_rejected:
-            reason = "association rejected"
-            rsp: Any = getattr(assoc.acceptor, "primitive", None)
-            with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
-                reason += f" ({rsp.result_str}, source {rsp.source_str}: {rsp.reason_str})"
-        else:
-            # pynetdicom reports a refused or timed-out TCP connection as an abort, too
-            reason = "no association: connection refused, unreachable or timed out, or aborted by the peer"
-            if tls_args is not None:
-                reason += ", or the TLS handshake failed (certificate not verified by destinations[].tls)"
-        return SendResult(name, SendStatus.RETRY, None, reason)
+        reason = _not_established(assoc, tls_args is not None)
+        yield from (SendResult(name, SendStatus.RETRY, None, reason) for _ in paths)
+        return
     try:
-        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
-            return SendResult(
-                name, SendStatus.FAILED, None, f"destination accepts no presentation context for {sop_class}"
-            )
-        try:
-            status_ds = assoc.send_c_store(ds)
-        except (OSError, RuntimeError, ValueError, AttributeError) as exc:
-            return SendResult(name, SendStatus.RETRY, None, f"C-STORE could not be sent: {exc}")
-        if status_ds is None or "Status" not in status_ds:
-            why = "aborted" if assoc.is_aborted else "no response (timeout or connection lost)"
-            return SendResult(name, SendStatus.RETRY, None, f"C-STORE {why}")
-        status = int(status_ds.Status)
-        outcome, reason = classify_status(status)
-        comment = status_ds.get("ErrorComment")
-        if comment:
-            reason += f": {comment}"
-        return SendResult(name, outcome, status, reason)
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        for i, (path, sop_class) in enumerate(zip(paths, sop_classes, strict=True)):
+            if sop_class is None:
+                yield SendResult(name, SendStatus.FAILED, None, unreadable[i])
+                continue
+            if sop_class not in accepted:
+                yield SendResult(
+                    name, SendStatus.FAILED, None, f"destination accepts no presentation context for {sop_class}"
+                )
+                continue
+            try:
+                ds = pydicom.dcmread(path)
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                yield SendResult(name, SendStatus.FAILED, None, f"cannot read {path}: {exc}")
+                continue
+            result = _store(assoc, ds, name)
+            yield result
+            if not assoc.is_established:  # lost: the files after this one were not tried
+                return
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _not_established(assoc: Any, over_tls: bool) -> str:
+    if assoc.is_rejected:
+        reason = "association rejected"
+        rsp: Any = getattr(assoc.acceptor, "primitive", None)
+        with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+            reason += f" ({rsp.result_str}, source {rsp.source_str}: {rsp.reason_str})"
+        return reason
+    # pynetdicom reports a refused or timed-out TCP connection as an abort, too
+    reason = "no association: connection refused, unreachable or timed out, or aborted by the peer"
+    if over_tls:
+        reason += ", or the TLS handshake failed (certificate not verified by destinations[].tls)"
+    return reason
+
+
+def _store(assoc: Any, ds: pydicom.Dataset, name: str) -> SendResult:
+    """One C-STORE on an established association, its answer mapped by ``classify_status``."""
+    try:
+        status_ds = assoc.send_c_store(ds)
+    except (OSError, RuntimeError, ValueError, AttributeError) as exc:
+        return SendResult(name, SendStatus.RETRY, None, f"C-STORE could not be sent: {exc}")
+    if status_ds is None or "Status" not in status_ds:
+        why = "aborted" if assoc.is_aborted else "no response (timeout or connection lost)"
+        return SendResult(name, SendStatus.RETRY, None, f"C-STORE {why}")
+    status = int(status_ds.Status)
+    outcome, reason = classify_status(status)
+    comment = status_ds.get("ErrorComment")
+    if comment:
+        reason += f": {comment}"
+    return SendResult(name, outcome, status, reason)

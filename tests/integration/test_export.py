@@ -13,13 +13,13 @@ from pathlib import Path
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.export.outbox import JobExportOutcome, Outbox, list_exports, retry_failed_for_job
 from dicom_node.export.scu import send
 from dicom_node.export.seg_writer import write_seg
 from dicom_node.settings import BackoffPolicy, Destination, ExportSection, SegSection, Settings, StorageSection
-from dicom_node.types import SegArtifact, SendStatus
+from dicom_node.types import DicomArtifact, SegArtifact, SendStatus
 from inference.spec import SegmentSpec
 from tests.dicom_peers import Orthanc, StatusSCP, StoreSCP, free_port, orthanc_binary, storescp, storescu
 from tests.factories import WrittenSeries, read_volume, write_ct_series
@@ -135,6 +135,65 @@ def test_outbox_delivers_to_two_destinations_and_logs(series_and_seg, tmp_path: 
         assert rec.sop_instance_uid == art.sop_instance_uid  # type: ignore[attr-defined]
         assert rec.study_instance_uid == art.study_instance_uid  # type: ignore[attr-defined]
         assert rec.outcome == "delivered"  # type: ignore[attr-defined]
+
+
+def _copies(art: SegArtifact, n: int, out: Path) -> list[DicomArtifact]:
+    """``n`` more objects of the SEG's series: the SEG file under new SOP Instance UIDs (as overlay images are:
+    one series, one object each)."""
+    out.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for i in range(n):
+        ds = pydicom.dcmread(art.path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 2
+        path = out / f"copy{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        copies.append(
+            DicomArtifact(
+                "overlay",
+                path,
+                str(ds.SOPClassUID),
+                str(ds.SOPInstanceUID),
+                art.series_instance_uid,
+                art.study_instance_uid,
+            )
+        )
+    return copies
+
+
+def test_a_jobs_objects_go_over_one_association(series_and_seg, tmp_path: Path) -> None:
+    """The SEG and ten more objects of one job: one association to storescp carries all eleven, in queue order."""
+    _, art = series_and_seg
+    copies = _copies(art, 10, tmp_path / "copies")
+    settled = Settled()
+    with storescp(tmp_path / "a") as a:
+        with _outbox(tmp_path, FAST, [_dest(a.port)], settled) as box:
+            box.enqueue(8, art, *copies)
+            outcome = settled.wait(30)
+        assert outcome.state == "delivered"
+        assert [r.attempts for r in outcome.rows] == [1] * 11
+        assert a.store_requests() == 11 and a.associations() == 1
+        received = {pydicom.dcmread(p).SOPInstanceUID for p in a.received_files()}
+    assert received == {art.sop_instance_uid} | {c.sop_instance_uid for c in copies}
+
+
+def test_an_association_lost_mid_batch_spends_no_attempt_of_the_objects_behind(series_and_seg, tmp_path: Path) -> None:
+    """The peer aborts the association on the third object: the first two are delivered, the third has spent an
+    attempt, the ones behind it were never tried and go back with theirs; the next association delivers them."""
+    _, art = series_and_seg
+    copies = _copies(art, 5, tmp_path / "copies")
+    settled = Settled()
+    scp = StatusSCP(0x0000, abort_on=3).start()
+    try:
+        with _outbox(tmp_path, FAST, [_dest(scp.port, scp.ae_title)], settled) as box:
+            box.enqueue(12, art, *copies)
+            outcome = settled.wait(30)
+    finally:
+        scp.stop()
+    assert outcome.state == "delivered"
+    assert [r.attempts for r in outcome.rows] == [1, 1, 2, 1, 1, 1]
+    assert scp.associations == 2
+    assert sorted(scp.received) == sorted([art.sop_instance_uid] + [c.sop_instance_uid for c in copies])
 
 
 def test_warning_status_is_recorded_as_warning(series_and_seg, tmp_path: Path) -> None:
