@@ -11,27 +11,42 @@ import json
 from pathlib import Path
 
 
-def _cell(entry: dict, before: dict | None) -> str:  # type: ignore[type-arg]
-    now = f"{entry['dice_mean']:.3f} / {entry['dice_p5']:.3f}"
-    if before is None:
+def _cell(entry: dict, before: dict | None, suffix: str = "") -> str:  # type: ignore[type-arg]
+    mean, p5 = "dice_mean" + suffix, "dice_p5" + suffix
+    now = f"{entry[mean]:.3f} / {entry[p5]:.3f}"
+    if before is None or mean not in before:
         return now
-    return f"{now} ({before['dice_mean']:.3f} / {before['dice_p5']:.3f})"
+    return f"{now} ({before[mean]:.3f} / {before[p5]:.3f})"
 
 
 def tables(new: dict, old: dict | None = None) -> str:  # type: ignore[type-arg]
     lines = []
     backgrounds = new["heldout_backgrounds"]
-    head = "| pattern | " + " | ".join(backgrounds) + " | both: regions, Dice mean / p5 | volume error (max) |"
-    lines += [head, "|" + "---|" * (len(backgrounds) + 3)]
+    head = (
+        "| pattern | "
+        + " | ".join(backgrounds)
+        + " | both: regions, Dice mean / p5 | both, per lung: lungs, Dice mean / p5 | volume error (max) |"
+    )
+    lines += [head, "|" + "---|" * (len(backgrounds) + 4)]
     for pattern, entry in new["by_pattern"].items():
         per = new["by_pattern_and_background"][pattern]
         old_per = old["by_pattern_and_background"][pattern] if old else None
         cells = [f"{_cell(per[b], old_per[b] if old_per else None)} ({per[b]['regions_ge_10mm']})" for b in backgrounds]
-        both = _cell(entry, old["by_pattern"][pattern] if old else None)
+        old_entry = old["by_pattern"][pattern] if old else None
+        both = _cell(entry, old_entry)
+        lungs = _cell(entry, old_entry, "_per_lung")
+        if entry.get("criterion") == "lungs":  # the figure the pattern's target is read from
+            lungs = f"**{lungs}**"
+        else:
+            both = f"**{both}**"
         err = entry["max_abs_volume_error"]
         old_err = old["by_pattern"][pattern]["max_abs_volume_error"] if old else None
         err_s = "" if err is None else f"{100 * err:.1f} %" + ("" if old_err is None else f" ({100 * old_err:.1f} %)")
-        lines.append(f"| {pattern} | " + " | ".join(cells) + f" | {entry['regions_ge_10mm']}: {both} | {err_s} |")
+        lines.append(
+            f"| {pattern} | "
+            + " | ".join(cells)
+            + f" | {entry['regions_ge_10mm']}: {both} | {entry['lungs']}: {lungs} | {err_s} |"
+        )
     lines += [
         "",
         "| background | held out | FP (mL) | solid nodules | most of one nodule marked |",

@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,10 @@ RECIPES: dict[str, dict[str, object]] = {
         "memory_format": "contiguous",
         "lesion_sampling": "voxel",
         "n_phantoms": 22,
+        "finetune_p_fg": 0.4,
+        "finetune_p_hard": 0.35,
+        "finetune_p_clean": 0.0,
+        "calibrate_fp_ml": 0.0,
     },
     "v2": {
         "iters": 3500,
@@ -59,6 +64,10 @@ RECIPES: dict[str, dict[str, object]] = {
         "memory_format": "channels_last",
         "lesion_sampling": "both",
         "n_phantoms": 6,
+        "finetune_p_fg": 0.3,
+        "finetune_p_hard": 0.55,
+        "finetune_p_clean": 0.3,
+        "calibrate_fp_ml": 5.0,
     },
 }
 
@@ -207,6 +216,27 @@ def index_lesions(pool: list[dict], min_voxels: int = 20, per_lesion: int = 2000
         it["lesions"] = lesions
 
 
+def index_clean(pool: list[dict], n_real: int, spacing_mm: tuple[float, ...]) -> list[int]:
+    """The lesion-free copies of the real backgrounds (indices into ``pool``), each given ``it["dense_lung"]``:
+    the coordinates of its lung voxels of -800..-500 HU (1.5 mm smoothed), the normal density that looks most
+    like faint ground glass: dependent lung, partial volume at the pleura, around vessels.
+
+    Why: the diffuse pattern is drawn dependent and lower-zone predominant, as COVID-19 is, and a normal lung is
+    densest there too; a network that sees faint posterior haze labelled 1 in most copies and the normal dependent
+    lung in few marks the latter (8 mL on clean scans). Derived at load time, so the pool cache stays as it is."""
+    clean = []
+    for i, it in enumerate(pool[: n_real + 1]):
+        if len(it["fg"]):
+            continue
+        hu = it["image"].astype(np.float32) * 1500.0 - 1000.0  # common.normalise's [-1000, 500] -> [0, 1], undone
+        sm = simulate.smooth_mm(hu, spacing_mm, 1.5)
+        lung = simulate.lung_mask(hu, spacing_mm)
+        it["dense_lung"] = np.argwhere(lung & (sm > -800.0) & (sm < -500.0)).astype(np.int32)
+        if len(it["dense_lung"]):
+            clean.append(i)
+    return clean
+
+
 # ----------------------------------------------------------------------------------------------- patches
 def _crop(arr: np.ndarray, centre: np.ndarray, size_zyx: tuple[int, int, int], dtype) -> np.ndarray:  # type: ignore[no-untyped-def]
     """``size_zyx`` voxels of ``arr`` centred on ``centre``, zero outside (0.0 = the inferer's padding value)."""
@@ -290,11 +320,17 @@ def sample_batch(  # type: ignore[no-untyped-def]
     n_real: int = 0,
     p_spatial: float = 0.6,
     per_lesion: bool = False,
+    p_clean: float = 0.0,
+    clean: Sequence[int] = (),
 ):
+    """``p_clean``: the share of patches from the lesion-free real copies ``clean`` (``index_clean``), centred on
+    their dense normal lung; 0 draws no random number for it, so runs without it are as before it existed."""
     pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
     xs, ys = [], []
     for _ in range(batch):
-        if p_real is None:  # uniform over the pool
+        if p_clean > 0 and clean and rng.random() < p_clean:
+            it = pool[clean[int(rng.integers(len(clean)))]]
+        elif p_real is None:  # uniform over the pool
             it = pool[int(rng.integers(len(pool)))]
         elif rng.random() < p_real:  # the real background's copies come first in the pool
             it = pool[int(rng.integers(n_real + 1))]
@@ -303,7 +339,9 @@ def sample_batch(  # type: ignore[no-untyped-def]
         img, lab = it["image"], it["label"]
         u = rng.random()
         near = None  # the points the patch is centred near (then jittered by up to a third of the patch)
-        if u < p_fg and per_lesion and it["lesions"]:  # a lesion uniformly, then a voxel of it
+        if "dense_lung" in it and p_clean > 0:
+            near = it["dense_lung"]
+        elif u < p_fg and per_lesion and it["lesions"]:  # a lesion uniformly, then a voxel of it
             near = it["lesions"][int(rng.integers(len(it["lesions"])))]
         elif u < p_fg and len(it["fg"]):
             near = it["fg"]
@@ -389,8 +427,19 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="phase 2: class weight of GGO against background in the loss (above 1 trades specificity for recall)",
     )
-    ap.add_argument("--finetune-p-fg", type=float, default=0.4, help="phase 2: share of lesion-centred patches")
-    ap.add_argument("--finetune-p-hard", type=float, default=0.35, help="phase 2: share of hard-negative patches")
+    ap.add_argument(
+        "--finetune-p-fg", type=float, default=None, help="phase 2: share of lesion-centred patches (0.4 v1, 0.3 v2)"
+    )
+    ap.add_argument(
+        "--finetune-p-hard", type=float, default=None, help="phase 2: share of hard-negative patches (0.35 v1, 0.55 v2)"
+    )
+    ap.add_argument(
+        "--finetune-p-clean",
+        type=float,
+        default=None,
+        help="phase 2: share of patches from the lesion-free real copies, centred on their dense normal lung "
+        "(index_clean; 0 in v1, 0.3 in v2)",
+    )
     ap.add_argument(
         "--lesion-sampling",
         choices=("voxel", "phase2", "both"),
@@ -418,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         help="v2: the five backgrounds with COVID-19 patterns (issue 17); v1: the shipped model's recipe (lung1 with "
         "ellipsoid GGOs), which reproduces the committed model. Options left unset take the recipe's values.",
     )
+    ap.add_argument(
+        "--calibrate-fp-ml",
+        type=float,
+        default=None,
+        help="after training: lower the GGO logit until each clean training background has at most this many mL "
+        "marked (calibrate.py; 0: no calibration, as v1; 5 in v2)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (see README)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
@@ -430,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported now, not after training: an edit to the inference package during a run must not meet modules
     # loaded an hour earlier.
+    import calibrate
     import evaluate
     import evaluate_patterns
     import export
@@ -454,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         pool = build_pool_v1(args.seed, args.n_real, args.n_phantoms, log)
     else:
         pool, args.n_real = build_pool(args.seed, args.n_per_background, args.n_phantoms, log)
+    clean: list[int] = []
+    if args.finetune_p_clean > 0:
+        clean = index_clean(pool, args.n_real, tuple(float(v) for v in common.spec().pre.spacing_mm))
+        log(f"pool: {len(clean)} lesion-free real copies indexed for phase 2's normal-lung patches")
     if args.lesion_sampling != "voxel":
         index_lesions(pool)
         log(f"pool: {sum(len(it['lesions']) for it in pool)} lesions indexed for lesion-balanced sampling")
@@ -503,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         fg_weight: float = 1.0,
         bf16: bool = False,
         per_lesion: bool = False,
+        p_clean: float = 0.0,
     ) -> float:
         lf = make_loss(fg_weight)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
@@ -531,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                 p_real,
                 args.n_real,
                 per_lesion=per_lesion,
+                p_clean=p_clean,
+                clean=clean,
             )
             loss = lf(forward(x, bf16), y)
             opt.zero_grad(set_to_none=True)
@@ -611,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             freeze_bn=args.finetune_bn == "frozen",
             fg_weight=args.finetune_fg_weight,
             per_lesion=args.lesion_sampling != "voxel",
+            p_clean=args.finetune_p_clean,
         )
     t_train = t1 + t2
     torch.save(net.state_dict(), args.out / "model.pt")
@@ -620,6 +685,16 @@ def main(argv: list[str] | None = None) -> int:
     net = net.to(memory_format=torch.contiguous_format)  # the exported graph and its check see plain tensors
     onnx_path = args.out / "model.onnx"
     export.export(net, onnx_path)
+    shift, calibration_fp = 0.0, None
+    if args.calibrate_fp_ml > 0:
+        t0 = time.time()
+        shift, calibration_fp = calibrate.choose_shift(
+            onnx_path, TRAIN_BACKGROUNDS, args.calibrate_fp_ml, log=log, threads=args.threads
+        )
+        calibrate.bake_shift(net, shift)
+        torch.save(net.state_dict(), args.out / "model.pt")
+        export.export(net, onnx_path)
+        log(f"calibrated: GGO logit lowered by {shift} ({time.time() - t0:.0f} s): {calibration_fp}")
     info = {
         "recipe": args.recipe,
         "seed": args.seed,
@@ -642,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_bn": args.finetune_bn,
         "finetune_p_fg": args.finetune_p_fg,
         "finetune_p_hard": args.finetune_p_hard,
+        "finetune_p_clean": args.finetune_p_clean,
+        "calibrate_fp_ml": args.calibrate_fp_ml,
+        "calibration_shift": shift,
+        "calibration_fp_ml": calibration_fp,
         "bn_recalibrate": args.bn_recalibrate,
         "finetune_fg_weight": args.finetune_fg_weight,
         "lesion_sampling": args.lesion_sampling,

@@ -93,3 +93,29 @@ def test_make_net_takes_the_two_widths_the_issue_allows() -> None:
     assert 3.9 < wide / small < 4.1
     with pytest.raises(ValueError, match="init_filters"):
         common.make_net("batch", 32)
+
+
+def test_normal_lung_patches_come_from_the_clean_copy_and_leave_other_runs_as_they_were() -> None:
+    """``p_clean`` draws patches from the lesion-free copy, centred on its dense normal lung; at 0 it draws no
+    random number, so phase 1 (and every run made before it existed) samples exactly the same patches."""
+    pool = _pool()
+    clean = {
+        "image": np.full((16, 96, 96), 0.2, np.float16),
+        "label": np.zeros((16, 96, 96), np.uint8),
+        "fg": np.zeros((0, 3), np.int32),
+        "hard": np.zeros((0, 3), np.int32),
+        "dense_lung": np.array([[8, 70, 20]], np.int32),
+    }
+    clean["image"][8, 70, 20] = 0.3
+    pool.append(clean)
+    train.index_lesions(pool)
+    before = train.sample_batch(pool, np.random.default_rng(5), 2, (32, 32, 8), 0.5, 0.2, per_lesion=True)
+    after = train.sample_batch(
+        pool, np.random.default_rng(5), 2, (32, 32, 8), 0.5, 0.2, per_lesion=True, p_clean=0.0, clean=[1]
+    )
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _x, y = train.sample_batch(pool, rng, 1, (32, 32, 8), 1.0, 0.0, p_spatial=0.0, p_clean=1.0, clean=[1])
+        assert not y.any()  # p_fg is 1: a patch of the lesion volume would be centred on a lesion
