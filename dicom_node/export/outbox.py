@@ -121,7 +121,8 @@ class Outbox:
         self.calling_ae_title = calling_ae_title
         self.destinations = tuple(destinations)
         self._configured = {destination_key(d): d for d in self.destinations}
-        """A row's destination as configured now (its TLS settings are not stored in the row)."""
+        """A row's destination as configured now (its TLS settings are not stored in the row); a row whose
+        destination is not here is failed, not sent (``_refuse_unconfigured``)."""
         self.metrics = metrics or NodeMetrics()
         self.metrics.known_destinations(self._configured)
         self.on_job_settled = on_job_settled
@@ -172,14 +173,12 @@ class Outbox:
 
     # ------------------------------------------------------------------------------------------------ API
 
-    def enqueue(
-        self, job_id: int, *artifacts: Exportable, destinations: Sequence[Destination] | None = None
-    ) -> list[ExportRow]:
-        """One row per (artifact, destination) (default: the configured destinations), due now, sent in the order
+    def enqueue(self, job_id: int, *artifacts: Exportable) -> list[ExportRow]:
+        """One row per (artifact, configured destination), due now, sent in the order
         given (the SEG before the objects that reference it), queued in one transaction. A row that exists for
         the same (job, SOP instance, destination) is re-armed: the job ran again, so its results go to every
         destination again. The job is settled when all its rows are; with no destination at all, at once."""
-        dests = self.destinations if destinations is None else tuple(destinations)
+        dests = self.destinations
         targets = [
             ExportTarget(destination_key(d), d.ae_title, d.host, d.port, d.calling_ae_title or self.calling_ae_title)
             for d in dests
@@ -255,10 +254,11 @@ class Outbox:
         answer as it comes; rows not tried (the association was lost before their turn, or the node is
         stopping) go back to pending with their attempt given back."""
         first = rows[0]
-        dest = self._configured.get(first.destination) or Destination(
-            ae_title=first.dest_ae_title, host=first.dest_host, port=first.dest_port
-        )
         settled: dict[int, None] = {}
+        dest = self._configured.get(first.destination)
+        if dest is None:
+            self._refuse_unconfigured(store, rows)
+            return
         done = 0
         retry_at = self._clock()
         t0 = time.monotonic()
@@ -291,6 +291,25 @@ class Outbox:
                 store.release(untried, max(retry_at, self._clock()), self._clock())
             self._notify()  # the destination is free again for other threads
         for job_id in settled:
+            self._settle_with(store, job_id)
+
+    def _refuse_unconfigured(self, store: ExportStore, rows: Sequence[ExportRow]) -> None:
+        """Rows queued for a destination that is no longer in ``export.destinations`` (removed, or its AE title,
+        host or port changed since): failed by name, not sent. The row does not hold the destination's TLS
+        settings, and a PACS taken out of the configuration is one the hospital no longer wants written to; so
+        sending to the stored address could put patient data on the wire unencrypted, or at a host that is now
+        another's. The objects stay in storage: ``dicom-node retry JOB`` once the destination is configured
+        again."""
+        reason = (
+            f"destination {rows[0].destination} is no longer configured (export.destinations): not sent; "
+            "`dicom-node retry` once it is configured again"
+        )
+        try:
+            for row in rows:
+                self._record(store, row, SendResult(row.destination, SendStatus.FAILED, None, reason), 0.0)
+        finally:
+            self._notify()
+        for job_id in dict.fromkeys(r.job_id for r in rows):
             self._settle_with(store, job_id)
 
     def _record(

@@ -285,6 +285,33 @@ def test_restart_while_pending_delivers_after_restart(series_and_seg, tmp_path: 
         assert scp.store_requests() == 1 and len(scp.received_files()) == 1
 
 
+def test_a_destination_removed_from_the_configuration_is_failed_by_name_not_sent(
+    series_and_seg, tmp_path: Path
+) -> None:
+    """Rows queued for a PACS that a restart's configuration no longer lists are failed, naming it, and nothing
+    reaches it (the row holds no TLS settings, and the hospital took that PACS out); `retry` after the
+    destination is back in the configuration delivers them."""
+    _, art = series_and_seg
+    with storescp(tmp_path / "old") as old_pacs, storescp(tmp_path / "new") as new_pacs:
+        old_dest, new_dest = _dest(old_pacs.port, "OLDPACS"), _dest(new_pacs.port, "NEWPACS")
+        first = _outbox(tmp_path, FAST, [old_dest], None)
+        first.enqueue(11, art)  # queued, not started: the node stopped before sending
+        first.stop()
+        settled = Settled()
+        with _outbox(tmp_path, FAST, [new_dest], settled):  # restarted with OLDPACS taken out
+            outcome = settled.wait(30)
+        assert outcome.state == "failed"
+        (row,) = outcome.rows
+        assert row.state == "failed" and row.attempts == 1
+        assert f"OLDPACS@127.0.0.1:{old_pacs.port} is no longer configured" in (row.reason or "")
+        assert old_pacs.store_requests() == 0 and new_pacs.store_requests() == 0
+        settled = Settled()
+        with _outbox(tmp_path, FAST, [old_dest, new_dest], settled) as back:
+            assert back.retry(11) == 1
+            assert settled.wait(30).state == "delivered"
+        assert old_pacs.store_requests() == 1 and new_pacs.store_requests() == 0
+
+
 @pytest.mark.slow
 def test_destination_down_two_minutes_then_up_delivered_once(series_and_seg, tmp_path: Path) -> None:
     _, art = series_and_seg
