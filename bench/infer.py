@@ -7,11 +7,15 @@ memory against 4 x the float32 resampled volume plus the model's own working set
 
     python bench/infer.py [--backend onnxruntime|triton] [--cases lung1,big] [--model PATH.onnx]
     python bench/infer.py --chests [--backend ...]     # windows only where the lungs are, on the seven real CTs
+    python bench/infer.py --shifts                     # why those are the whole grid's own windows
 
 Each case runs twice, with the bundled ``inferer.windows: lung_fields`` (windows over the lung fields only) and with
 ``all`` (today's whole grid), and prints windows total / run and model compute for both (issue 20). ``--chests``
 runs the seven real chest CTs of ../shared/data both ways, clean and with ground glass inserted by the training
-simulator, and prints the windows, the model compute and the agreement (Dice) of the two.
+simulator, and the real COVID-19 CT (MIDRC-RICORD-1A, evaluation only) as it is, and prints the windows, the
+model compute and the agreement (Dice) of the two. ``--shifts`` moves one window of a real chest by a few voxels and
+compares its predictions on the lung voxels both windows hold well inside them: the reason the skip runs only
+the whole grid's own windows.
 
 The model is the committed models/segmentation_ct_covid_lesion_v1/1/model.onnx when there is one, else a
 random-weight SegResNet of the same architecture exported by tests/model_export.py (needs torch + MONAI): the cost
@@ -210,6 +214,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None, help="an ONNX file to benchmark instead")
     parser.add_argument("--child", nargs=3, metavar=("INPUT", "REPO", "WINDOWS"), help=argparse.SUPPRESS)
     parser.add_argument("--chests", action="store_true", help="windows and agreement on the seven real chest CTs")
+    parser.add_argument("--shifts", action="store_true", help="one window moved by a few voxels: what changes")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = parser.parse_args()
     if args.child:
@@ -221,6 +226,8 @@ def main() -> int:
     print(f"backend {args.backend}, model {repo}, {os.cpu_count()} CPUs")
     if args.chests:
         return chests(args.backend, repo)
+    if args.shifts:
+        return shifts(repo)
     inputs = _prepare_inputs()
     ok = True
     for name in args.cases.split(","):
@@ -259,12 +266,14 @@ CHESTS = (
     "chest_ct_lidc/lidc_idri_0350.nrrd",
     "ct_lidc_0001_jpegls/ct",
 )
+COVID = "covid_ct_ricord/covid_ricord_1.nrrd"
+"""Real COVID-19 ground glass (CC BY-NC 4.0: evaluation and reference only, never training): compared as it is."""
 
 
 def chests(backend_name: str, repo: Path) -> int:
     """Windows over the lung fields against the whole grid on every real chest CT: counts, model compute and the
     agreement of the labels (Dice), on the scan as it is and with ground glass inserted (seed 2020, which training
-    never drew), whose lesions give the comparison something to agree on."""
+    never drew), whose lesions give the comparison something to agree on; and on the real COVID-19 CT as it is."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -284,7 +293,7 @@ def chests(backend_name: str, repo: Path) -> int:
     totals = {"all": 0, "lung_fields": 0}
     rows = []
     with open_backend(settings, skip_spec, backend_name) as backend:
-        for rel in CHESTS:
+        for rel in (*CHESTS, COVID):
             path = data / rel
             if path.is_dir():
                 reader = sitk.ImageSeriesReader()
@@ -292,15 +301,18 @@ def chests(backend_name: str, repo: Path) -> int:
                 image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
             else:
                 image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
-            hu = sitk.GetArrayFromImage(image)
             sp = image.GetSpacing()
-            hu2, _lab, _les = simulate.insert_ggo(
-                hu, sp, np.random.default_rng([2020, 0]), 6, lung=simulate.lung_mask(hu, sp)
-            )
-            with_ggo = sitk.GetImageFromArray(hu2.astype(np.float32))
-            with_ggo.CopyInformation(image)
+            variants = [("clean", image)]
+            if rel != COVID:
+                hu = sitk.GetArrayFromImage(image)
+                hu2, _lab, _les = simulate.insert_ggo(
+                    hu, sp, np.random.default_rng([2020, 0]), 6, lung=simulate.lung_mask(hu, sp)
+                )
+                with_ggo = sitk.GetImageFromArray(hu2.astype(np.float32))
+                with_ggo.CopyInformation(image)
+                variants.append(("ggo", with_ggo))
             row: dict[str, object] = {"volume": path.name}
-            for label, img in (("clean", image), ("ggo", with_ggo)):
+            for label, img in variants:
                 full = segment(img, full_spec, backend)
                 skip = segment(img, skip_spec, backend)
                 a, b = sitk.GetArrayViewFromImage(full.label) > 0, sitk.GetArrayViewFromImage(skip.label) > 0
@@ -312,7 +324,7 @@ def chests(backend_name: str, repo: Path) -> int:
                     "ml": [round(float(b.sum()) * ml, 2), round(float(a.sum()) * ml, 2)],
                     "dice": round(dice, 4),
                 }
-                if label == "clean":
+                if label == "clean" and rel != COVID:
                     totals["all"] += full.windows_run
                     totals["lung_fields"] += skip.windows_run
             rows.append(row)
@@ -320,17 +332,74 @@ def chests(backend_name: str, repo: Path) -> int:
     columns = f"{'windows':>10}{'model s':>14}{'Dice clean':>12}{'mL clean':>14}{'Dice GGO':>10}{'mL GGO':>16}"
     print(f"\n{'volume':<22}{columns}")
     for row in rows:
-        c, g = row["clean"], row["ggo"]  # type: ignore[index]
+        c = row["clean"]
+        g = row.get("ggo")
+        ggo = f"{g['dice']:>8.4f}{g['ml'][0]:>8.2f} / {g['ml'][1]:<6.2f}" if g else f"{'(real GGO)':>24}"  # type: ignore[index]
         print(
             f"{row['volume']:<22}{c['windows'][0]:>4} / {c['windows'][1]:<4}"  # type: ignore[index]
             f"{c['model_s'][0]:>6.1f} / {c['model_s'][1]:<6.1f}{c['dice']:>10.4f}"  # type: ignore[index]
-            f"{c['ml'][0]:>7.2f} / {c['ml'][1]:<6.2f}{g['dice']:>8.4f}{g['ml'][0]:>8.2f} / {g['ml'][1]:<6.2f}"  # type: ignore[index]
+            f"{c['ml'][0]:>7.2f} / {c['ml'][1]:<6.2f}{ggo}"  # type: ignore[index]
         )
     ratio = totals["all"] / max(1, totals["lung_fields"])
     print(
         f"windows over the seven: {totals['lung_fields']} run of {totals['all']} ({ratio:.2f} x fewer; target "
         f">= 1.5 x: {'met' if ratio >= 1.5 else 'NOT met'}); columns: lung fields only / whole grid"
     )
+    return 0
+
+
+def shifts(repo: Path) -> int:
+    """One window of lidc_idri_0028 (ONNX Runtime, the bundled spec) and the same window moved by d voxels along
+    x or z: the mean absolute change of the GGO logit (channel 1 minus channel 0) and the labels that flip, on
+    the lung voxels both windows hold at least 40 voxels in-plane and 4 slices inside them (away from either
+    window's border). The network's stride is 8: a window moved by a multiple of 8 predicts the same, one moved
+    by a few voxels does not, and on a clean scan the flips are what a window laid anew would change."""
+    import numpy as np
+    import numpy.typing as npt
+    import SimpleITK as sitk
+
+    from inference.lung_fields import block_air, blocks_lung_core, expand_blocks, grow_blocks
+    from inference.onnx_backend import OnnxRuntimeBackend
+    from inference.transforms import normalise_intensity, resample_to_spacing
+
+    spec = _spec_with_windows("all")
+    image = sitk.Cast(sitk.ReadImage(str(REPO.parent / "shared" / "data" / CHESTS[2])), sitk.sitkFloat32)
+    grid = resample_to_spacing(image, spec.pre.spacing_mm, spec.pre.interpolation)
+    volume = np.clip(sitk.GetArrayFromImage(grid), spec.pre.intensity.a_min, spec.pre.intensity.a_max)
+    volume = normalise_intensity(volume.astype(np.float32), spec.pre.intensity)
+    air, block = block_air(grid, spec.post.lung_fields)  # type: ignore[arg-type]
+    fields = grow_blocks(blocks_lung_core(air, spec.post.lung_fields), air.GetSpacing(), spec.post.lung_fields)  # type: ignore[arg-type]
+    lungs = expand_blocks(fields, block, volume.shape)  # type: ignore[arg-type]
+    rz, ry, rx = reversed(spec.inferer.roi_size)
+    backend = OnnxRuntimeBackend(spec, spec.model.onnx_path(repo), 2)
+
+    def logits(z: int, y: int, x: int) -> npt.NDArray[np.float32]:
+        window = volume[z : z + rz, y : y + ry, x : x + rx]
+        out = backend.infer(np.ascontiguousarray(window.transpose(2, 1, 0))[None, None])[0]
+        return (out[1] - out[0]).transpose(2, 1, 0)  # type: ignore[no-any-return]
+
+    base = (16, 88, 88)
+    reference = logits(*base)
+    print(f"{'moved':<10}{'mean |change|':>15}{'p99':>8}{'flips / positives':>20}")
+    for axis, name in ((2, "x"), (0, "z")):
+        for d in (1, 2, 4, 8, 16):
+            moved = list(base)
+            moved[axis] += d
+            if moved[0] + rz > volume.shape[0] or d > (4 if axis == 0 else 40) * 2:
+                continue
+            other = logits(*moved)
+            margin = [4, 40, 40]
+            lo = [b + m + (d if a == axis else 0) for a, (b, m) in enumerate(zip(base, margin, strict=True))]
+            hi = [b + r - m for b, r, m in zip(base, (rz, ry, rx), margin, strict=True)]
+            region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+            ref = reference[tuple(slice(a - b0, z - b0) for a, z, b0 in zip(lo, hi, base, strict=True))]
+            mov = other[tuple(slice(a - b0, z - b0) for a, z, b0 in zip(lo, hi, moved, strict=True))]
+            inside = lungs[region]
+            change = np.abs(ref - mov)[inside]
+            flips = int(((ref > 0) != (mov > 0))[inside].sum())
+            positives = int(((ref > 0) | (mov > 0))[inside].sum())
+            print(f"{name} + {d:<6}{change.mean():>15.4f}{np.percentile(change, 99):>8.3f}{flips:>11} / {positives:<8}")
+    backend.close()
     return 0
 
 

@@ -65,8 +65,9 @@ class InfererSpec:
     batch_size: int
     padding_value: float
     windows: Literal["all", "lung_fields"] = "all"
-    """``lung_fields``: when the lung-fields step is on, windows are laid over the lung fields' bounding box
-    only and a window that misses them is not run (its voxels are background anyway). ``all``: the whole grid."""
+    """``lung_fields``: when the lung-fields step is on, only the whole grid's windows that cover the lung fields'
+    bounding box run (``pipeline.lattice_cover``), and of those only the ones a lung field lies under; the rest
+    are background anyway. ``all``: the whole grid."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,7 +67,8 @@ def lung1_with_ggo(shared_data: Path) -> sitk.Image:
 def test_lung_windows_agree_with_the_whole_grid_on_both_backends(
     lung1_with_ggo: sitk.Image, inference_spec: InferenceSpec, model_repository: Path, triton_server: ManagedTriton
 ) -> None:
-    """Half the windows, the same labels; bench/infer.py repeats the comparison on all seven real chest CTs."""
+    """Half the windows, the same labels; bench/infer.py repeats the comparison on all seven real chest CTs and
+    the real COVID-19 CT."""
     image = lung1_with_ggo
     onnx = OnnxRuntimeBackend(inference_spec, inference_spec.model.onnx_path(model_repository), 2)
     onnx.check()
