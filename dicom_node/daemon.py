@@ -25,6 +25,7 @@ import sqlite3
 import threading
 from typing import Any
 
+from dicom_node.admin import collect_status
 from dicom_node.db import DB_NAME, Database, is_disk_full
 from dicom_node.errors import NodeError
 from dicom_node.logs import setup_logging
@@ -127,6 +128,7 @@ class Node:
             self.ops = build_ops_server(
                 self.settings, db=self.db, spool=self.spool, scp=self.scp,
                 backend_problem=self.processor.backend_problem, metrics=self.metrics,
+                status=lambda: collect_status(self.settings),
                 backend_endpoints=self.processor.backend_endpoints,
             )  # fmt: skip
             try:

@@ -39,7 +39,6 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dicom_node import __version__
-from dicom_node.admin import collect_status
 from dicom_node.db import Database
 from dicom_node.errors import NodeError
 from dicom_node.ops.health import Probes
@@ -251,10 +250,12 @@ def build_ops_server(
     scp: StorageSCP,
     backend_problem: Callable[[], str | None],
     metrics: NodeMetrics,
+    status: Callable[[], dict[str, Any]],
     backend_endpoints: Callable[[], Sequence[EndpointState]] = tuple,
 ) -> OpsServer:
     """The HTTP surface on the running node's parts: its probes, its metrics (with the figures read from the
-    database at scrape time) and the status page."""
+    database at scrape time) and the status page (``status``: what ``dicom-node status --json`` prints, read
+    afresh for each page)."""
     metrics.watch(StateCollector(db, settings.storage.dir, backend_problem, backend_endpoints))
     probes = Probes(
         db=db, spool=spool, listener_problem=scp.listener_problem, backend_problem=backend_problem,
@@ -264,7 +265,7 @@ def build_ops_server(
     app = OpsApp(
         probes=probes,
         metrics=metrics,
-        status=lambda: collect_status(settings),
+        status=status,
         node_info=NodeInfo(
             ae_title=settings.node.ae_title,
             version=__version__,

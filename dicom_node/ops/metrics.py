@@ -86,7 +86,7 @@ class NodeMetrics:
         self.received_bytes = Counter(
             "dicom_node_received_bytes", "Dataset bytes received in C-STORE requests", registry=r
         )
-        self.store_seconds = Histogram(
+        self.store_duration = Histogram(
             "dicom_node_store_duration_seconds",
             "Time to handle one C-STORE request (parse, durable write, record), until its status is returned",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
@@ -134,6 +134,25 @@ class NodeMetrics:
             self.job_outcomes.labels(outcome)
 
     # -- what the parts call ------------------------------------------------------------------------------
+    # Reception (``dicom_node.receive.scp.ReceptionCounters``).
+    def association_accepted(self, listener: str) -> None:
+        self.associations_accepted.labels(listener).inc()
+
+    def association_rejected(self, reason: str) -> None:
+        self.associations_rejected.labels(reason).inc()
+
+    def bytes_received(self, count: int) -> None:
+        self.received_bytes.inc(count)
+
+    def instance_received(self) -> None:
+        self.instances_received.inc()
+
+    def instance_refused(self, status: int) -> None:
+        self.instances_refused.labels(refusal_reason(status)).inc()
+
+    def store_seconds(self, seconds: float) -> None:
+        self.store_duration.observe(seconds)
+
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
 

@@ -1,6 +1,6 @@
 """The read-only status page at ``/``: what ``dicom-node status`` shows, as server-rendered HTML.
 
-The data is :func:`dicom_node.admin.collect_status`'s (series, jobs, exports, recent refusals and events), so the
+The data is what ``dicom-node status --json`` prints (series, jobs, exports, recent refusals and events), so the
 page and the CLI can never disagree; each job's preview image (``results/job-<id>/preview.png``, written by the
 outputs stage when it makes one) is shown when the file exists. Jinja2 renders it with autoescaping on, so no
 value from a sender (UIDs, AE titles, reasons quoting their data) can inject markup; the page has no

@@ -5,7 +5,7 @@ TLS handshake runs in the connection's own thread (:mod:`dicom_node.tls`), a fai
 (``tls_refused``) and counted. Callers: pynetdicom rejects calling AE titles that neither
 ``node.allowed_calling_ae_titles`` nor ``node.allowed_callers`` names; a title bound to hosts
 (:mod:`dicom_node.receive.callers`) calling from elsewhere is rejected here when its A-ASSOCIATE-RQ arrives. Each
-rejection is recorded with its reason and counted by reason (:class:`~dicom_node.ops.metrics.NodeMetrics`).
+rejection is recorded with its reason and counted by reason (:class:`ReceptionCounters`).
 
 Receive path of one C-STORE (in the association's thread):
 
@@ -33,7 +33,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import data_element_generator
@@ -65,7 +65,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node import __version__
 from dicom_node.db import Database, is_disk_full
-from dicom_node.ops.metrics import NodeMetrics, refusal_reason
 from dicom_node.receive.callers import CallerPolicy
 from dicom_node.receive.spool import DiskFull, Spool
 from dicom_node.series.headers import InstanceUIDs, clean_uid, header_facts, instance_uids
@@ -302,6 +301,40 @@ class _AssocState:
     series: dict[str, int] = field(default_factory=dict)
 
 
+class ReceptionCounters(Protocol):
+    """What reception counts as it goes. The node's metrics (``dicom_node.ops.metrics.NodeMetrics``) implement it;
+    reception names no metrics library and nothing above it, so it runs alone in a test or a tool."""
+
+    def association_accepted(self, listener: str) -> None: ...
+    def association_rejected(self, reason: str) -> None: ...
+    def bytes_received(self, count: int) -> None: ...
+    def instance_received(self) -> None: ...
+    def instance_refused(self, status: int) -> None: ...
+    def store_seconds(self, seconds: float) -> None: ...
+
+
+class NoCounters:
+    """:class:`ReceptionCounters` that count nothing, for an SCP run without the node's metrics."""
+
+    def association_accepted(self, listener: str) -> None:
+        pass
+
+    def association_rejected(self, reason: str) -> None:
+        pass
+
+    def bytes_received(self, count: int) -> None:
+        pass
+
+    def instance_received(self) -> None:
+        pass
+
+    def instance_refused(self, status: int) -> None:
+        pass
+
+    def store_seconds(self, seconds: float) -> None:
+        pass
+
+
 class StorageSCP:
     """The AE, its handlers, and the bookkeeping the daemon needs to stop it cleanly."""
 
@@ -313,12 +346,12 @@ class StorageSCP:
         *,
         on_released: Callable[[], None] | None = None,
         on_stored: Callable[[InstanceRecord], None] | None = None,
-        metrics: NodeMetrics | None = None,
+        metrics: ReceptionCounters | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.db = db
-        self.metrics = metrics or NodeMetrics()
+        self.metrics: ReceptionCounters = metrics or NoCounters()
         self.callers = CallerPolicy.from_settings(settings.node)
         self.on_released = on_released
         self.on_stored = on_stored
@@ -490,7 +523,7 @@ class StorageSCP:
             return
         reason = f"TLS connection from {peer} refused: {problem}"
         log.warning(reason, extra={"peer": peer})
-        self.metrics.associations_rejected.labels("tls_handshake").inc()
+        self.metrics.association_rejected("tls_handshake")
         try:
             self.db.record_event("tls_refused", reason)
         except Exception as exc:  # the refusal stands even if we cannot record it
@@ -513,7 +546,7 @@ class StorageSCP:
             return
         reason = f"association rejected: {refusal}"
         log.warning(reason, extra={"association": st.id, "calling_ae": calling, "peer": st.address})
-        self.metrics.associations_rejected.labels("caller_host").inc()
+        self.metrics.association_rejected("caller_host")
         self._assocs.pop(id(event.assoc), None)
         # Rejected permanent, by the service user, "calling AE title not recognised": the closest of PS3.8's
         # reasons; pynetdicom then skips negotiation. kill() returns once the answer is sent and the peer has
@@ -528,7 +561,7 @@ class StorageSCP:
     def _on_accepted(self, event: Any) -> None:
         REACTOR_CLOCK.mark_busy()
         st = self._state(event.assoc)
-        self.metrics.associations_accepted.labels(st.listener).inc()
+        self.metrics.association_accepted(st.listener)
         refused = [cx for cx in event.assoc.rejected_contexts]
         if not refused:
             return
@@ -560,7 +593,7 @@ class StorageSCP:
         else:
             label = "other"
             reason = f"association rejected (source {why[0]}, reason {why[1]})"
-        self.metrics.associations_rejected.labels(label).inc()
+        self.metrics.association_rejected(label)
         log.warning(reason, extra={"association": st.id, "calling_ae": st.calling_ae, "peer": st.address})
         self.db.record_event("association_rejected", reason, calling_ae_title=st.calling_ae, association_id=st.id)
         self._assocs.pop(id(event.assoc), None)
@@ -611,7 +644,7 @@ class StorageSCP:
         try:
             return self._store(event)
         finally:
-            self.metrics.store_seconds.observe(time.perf_counter() - t0)
+            self.metrics.store_seconds(time.perf_counter() - t0)
             REACTOR_CLOCK.mark_busy()
             with self._in_flight_cv:
                 self._in_flight -= 1
@@ -619,7 +652,7 @@ class StorageSCP:
 
     def _refuse(self, st: _AssocState, exc: Refused, data: bytes | None, meta: bytes | None, sop: str) -> Dataset:
         st.refused += 1
-        self.metrics.instances_refused.labels(refusal_reason(exc.status)).inc()
+        self.metrics.instance_refused(exc.status)
         qpath = None
         if exc.quarantine and data is not None:
             try:
@@ -657,7 +690,7 @@ class StorageSCP:
             )
             return STATUS_SUCCESS
         data: bytes = event.encoded_dataset(include_meta=False)
-        self.metrics.received_bytes.inc(len(data))
+        self.metrics.bytes_received(len(data))
         try:
             self.spool.check_space(len(data) + 1024)
         except DiskFull as exc:
@@ -711,7 +744,7 @@ class StorageSCP:
             stored.previous_path.unlink(missing_ok=True)
         st.stored += 1
         st.bytes += size
-        self.metrics.instances_received.inc()
+        self.metrics.instance_received()
         if self.on_stored is not None:
             try:
                 self.on_stored(rec)

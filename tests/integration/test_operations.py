@@ -180,7 +180,9 @@ def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *args],
-        capture_output=True, text=True, timeout=90,
+        # Its messages hold UTF-8 (·); SimpleITK's DICOM I/O (GDCM), run by an earlier test in this process,
+        # leaves the C locale, under which text=True would decode them as ASCII.
+        capture_output=True, encoding="utf-8", errors="replace", timeout=90,
     )  # fmt: skip
 
 
