@@ -39,6 +39,10 @@ NAMES: tuple[str, ...] = (
     "lidc_idri_0350",
     "lidc_idri_0001",
 )
+TRAIN: tuple[str, ...] = ("lung1", "lidc_idri_0028", "lidc_idri_0306", "lidc_idri_0350", "lidc_idri_0001")
+"""The backgrounds training (and the calibration of its last step) may load."""
+HELDOUT: tuple[str, ...] = ("lung2", "lidc_idri_0295")
+"""The backgrounds no training step loads: only ``evaluate_patterns`` draws on them."""
 LIDC_SLABS = ("lidc_idri_0028", "lidc_idri_0295", "lidc_idri_0306", "lidc_idri_0350")
 LIDC_DIR = common.DATA / "chest_ct_lidc"
 LIDC_0001_DIR = common.DATA / "ct_lidc_0001_jpegls"

@@ -6,7 +6,7 @@ network, so the node (which labels where the GGO logit exceeds the background's)
 Why: a network trained on simulated patterns that are dependent and lower-zone predominant, as COVID-19 is, marks
 some of the normal dependent lung of a clean scan (7-9 mL where the issue allows 5). The logit margin at which it
 calls ground glass is the one free choice left after training. ``choose_shift`` takes the smallest margin (on a
-0.25 grid up to 3) at which every clean training background (``train.TRAIN_BACKGROUNDS``, never a held-out one)
+0.25 grid up to 3) at which every clean training background (``backgrounds.TRAIN``, never a held-out one)
 is marked at most ``fp_ml``, through the node's own pipeline; ``bake_shift`` subtracts it from the GGO channel's
 bias in the final 1x1x1 convolution, which moves the pipeline's blended logit difference by exactly that much
 (the Gaussian blending weights sum to 1).
@@ -112,10 +112,9 @@ def main() -> int:
 
     import export
     import torch
-    import train
 
     info = json.loads((args.run / "train_info.json").read_text())
-    shift, fp = choose_shift(args.run / "model.onnx", train.TRAIN_BACKGROUNDS, args.fp_ml, threads=args.threads)
+    shift, fp = choose_shift(args.run / "model.onnx", backgrounds.TRAIN, args.fp_ml, threads=args.threads)
     net = common.make_net(info["norm"], info["init_filters"])
     net.load_state_dict(torch.load(args.run / "model.pt", map_location="cpu"))
     bake_shift(net, shift)

@@ -2,11 +2,12 @@
 
     .venv/bin/python models/training/evaluate_patterns.py MODEL.onnx [--out metrics.json] [--cases 2]
 
-For each held-out background (``HELDOUT``: lung2 and lidc_idri_0295, which no training step sees) and each pattern
-of ``patterns.PATTERNS``, ``--cases`` volumes are drawn with the *evaluation* settings (``patterns.Draw``: the
-bands of every parameter range that training never drew; seeds ``(EVAL_SEED, pattern, background, case)``),
-inserted on the background's own grid, and segmented by ``inference.pipeline.segment`` with the bundled spec
-(lung-fields step and its window skip on), exactly as the node runs. Metrics on the CT's own grid:
+For each held-out background (``backgrounds.HELDOUT``: lung2 and lidc_idri_0295, which no training step sees) and
+each pattern of ``patterns.PATTERNS``, ``--cases`` volumes are drawn with the *evaluation* settings
+(``patterns.Draw``: the bands of every parameter range that training never drew; seeds
+``(EVAL_SEED, pattern, background, case)``), inserted on the background's own grid, and segmented by
+``inference.pipeline.segment`` with the bundled spec (lung-fields step and its window skip on), exactly as the node
+runs. Metrics on the CT's own grid:
 
 - per pattern and background: Dice of each region >= 10 mm (equivalent-sphere diameter; ``regions``: the truth's
   connected pieces, joined across gaps of up to 3 mm; ``evaluate.lesion_metrics``), its mean and 5th percentile,
@@ -41,7 +42,6 @@ from inference.onnx_backend import OnnxRuntimeBackend
 from inference.pipeline import segment
 
 EVAL_SEED = 3000
-HELDOUT = ("lung2", "lidc_idri_0295")
 # Which summary each pattern's Dice target (>= 0.80) is read from. A diffuse, confluent opacity is one finding per
 # lung ("confluent ground glass of both lower lobes"), so its region is the lung's involvement. Its connected pieces
 # are not separate findings: the posterior costophrenic recesses, cut from the rest of the lung by the diaphragm's
@@ -133,16 +133,19 @@ def evaluate_patterns(
     onnx_path: Path,
     cases: int = 2,
     log=print,  # type: ignore[no-untyped-def]
-    heldout: tuple[str, ...] = HELDOUT,
+    heldout: tuple[str, ...] = backgrounds.HELDOUT,
     clean: tuple[str, ...] = backgrounds.NAMES,
     threads: int = 2,
     figures: Path | None = None,
+    only: tuple[str, ...] = patterns.PATTERNS,
+    seg: Segmenter | None = None,
 ) -> dict:
     """The metrics of the module docstring; ``clean``: the backgrounds segmented as they are (false positives,
     solid nodules); ``figures``: a folder for one picture per pattern and background (``save_figure``, the first
-    case)."""
+    case); ``only``: a subset of the patterns (each keeps its own seeds); ``seg``: a segmenter to use instead of
+    one on ``onnx_path`` (closed here all the same)."""
     t0 = time.time()
-    seg = Segmenter(onnx_path, threads)
+    seg = seg or Segmenter(onnx_path, threads)
     per: dict[str, dict] = {}
     try:
         for b_index, name in enumerate(heldout):
@@ -152,6 +155,8 @@ def evaluate_patterns(
             ctx = patterns.context(hu, sp, bg.image.GetDirection(), exclude=bg.solid)
             vox_ml = float(np.prod(sp)) / 1000.0
             for p_index, pattern in enumerate(patterns.PATTERNS):
+                if pattern not in only:
+                    continue
                 rows: list[dict] = []
                 parts: list[dict] = []
                 lungs: list[dict] = []
@@ -249,7 +254,7 @@ def main() -> int:
     ap.add_argument("--no-solids", action="store_true", help="clean volumes of the held-out backgrounds only")
     args = ap.parse_args()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    clean = HELDOUT if args.no_solids else backgrounds.NAMES
+    clean = backgrounds.HELDOUT if args.no_solids else backgrounds.NAMES
     m = evaluate_patterns(args.onnx, args.cases, clean=clean, threads=args.threads, figures=args.figures)
     if args.out:
         args.out.write_text(json.dumps(m, indent=2))

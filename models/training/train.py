@@ -3,7 +3,7 @@
     .venv/bin/python models/training/train.py --seed 0 --out models/training/runs/seed0 [--recipe v1|v2] [--install]
 
 Steps: (1) build (or load from models/training/.cache/) a pool of training volumes on the model grid. Recipe v2
-(the default, issue 17): the five ``TRAIN_BACKGROUNDS`` each as they are and with simulated COVID-19 patterns
+(the default, issue 17): the five ``backgrounds.TRAIN`` each as they are and with simulated COVID-19 patterns
 (``patterns.py``, training settings), plus phantoms with patterns. Recipe v1 (the shipped model's): lung1 with
 ellipsoid GGOs under several seeds, one lesion-free copy, and phantoms. (2) train on random patches
 (lesion-centred, hard-negative-centred and uniform) with AdamW and Dice + cross-entropy, a fixed number of
@@ -38,8 +38,6 @@ import patterns
 import simulate
 
 POOL_VERSION = 2
-# The five backgrounds training sees; lung2 and lidc_idri_0295 are held out (evaluate_patterns.HELDOUT).
-TRAIN_BACKGROUNDS = ("lung1", "lidc_idri_0028", "lidc_idri_0306", "lidc_idri_0350", "lidc_idri_0001")
 PHASE1_P_FG, PHASE1_P_HARD = 0.5, 0.2  # phase 1's shares of lesion- and hard-negative-centred patches
 CACHE = Path(__file__).resolve().parent / ".cache"
 # What each recipe sets where an option is not given. v1 is the shipped model's (trained on a CPU with bfloat16,
@@ -110,13 +108,13 @@ def _cached_pool(cache: Path, count: int, build, log) -> list[dict]:  # type: ig
 
 
 def build_pool(seed: int, n_per_background: int, n_phantoms: int, log) -> tuple[list[dict], int]:  # type: ignore[no-untyped-def]
-    """The training pool on the model grid: for each of ``TRAIN_BACKGROUNDS`` one lesion-free copy and
+    """The training pool on the model grid: for each of ``backgrounds.TRAIN`` one lesion-free copy and
     ``n_per_background`` copies with simulated COVID-19 patterns (``patterns``, training settings), then procedural
     phantoms with patterns too. Returns (pool, count of real items - 1): the real items come first, for
-    ``sample_batch``'s ``p_real``. The held-out backgrounds (``evaluate_patterns.HELDOUT``) are never loaded."""
+    ``sample_batch``'s ``p_real``. The held-out backgrounds (``backgrounds.HELDOUT``) are never loaded."""
     spec = common.spec()
     sp = tuple(float(v) for v in spec.pre.spacing_mm)
-    n_real_items = len(TRAIN_BACKGROUNDS) * (n_per_background + 1)
+    n_real_items = len(backgrounds.TRAIN) * (n_per_background + 1)
     cache = CACHE / f"pool_v{POOL_VERSION}_seed{seed}_b{n_per_background}_p{n_phantoms}"
     build = lambda: _pool_v2(seed, n_per_background, n_phantoms, spec, sp, log)  # noqa: E731
     return _cached_pool(cache, n_real_items + n_phantoms, build, log), n_real_items - 1
@@ -127,7 +125,7 @@ def _pool_v2(seed: int, n_per_background: int, n_phantoms: int, spec, sp, log) -
     rng = np.random.default_rng([seed, 1])
     pool: list[dict] = []
     k = 0
-    for name in TRAIN_BACKGROUNDS:
+    for name in backgrounds.TRAIN:
         bg = backgrounds.load(name)
         img_m = common.to_model_grid(bg.image, spec)
         solid = common.with_array(bg.solid.astype(np.float32), bg.image)
@@ -689,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate_fp_ml > 0:
         t0 = time.time()
         shift, calibration_fp = calibrate.choose_shift(
-            onnx_path, TRAIN_BACKGROUNDS, args.calibrate_fp_ml, log=log, threads=args.threads
+            onnx_path, backgrounds.TRAIN, args.calibrate_fp_ml, log=log, threads=args.threads
         )
         calibrate.bake_shift(net, shift)
         torch.save(net.state_dict(), args.out / "model.pt")
