@@ -43,7 +43,7 @@ from dicom_node.types import CTVolume, InstanceRecord, SegArtifact, SeriesManife
 from inference.backend import Backend
 from inference.burden import Burden, ground_glass_labels, measure_burden, write_burden
 from inference.errors import BackendUnavailable, InferenceError
-from inference.pipeline import segment
+from inference.pipeline import SegmentationResult, segment
 from inference.spec import InferenceSpec, load_spec
 from inference.triton_fleet import EndpointState, TritonFleet
 from inference.writers import write_label, write_publish
@@ -164,6 +164,14 @@ class BackendHolder:
             self._stack.close()
 
 
+class _Finished(Exception):
+    """A stage of :meth:`SeriesProcessor._process` ended the job early, with this outcome."""
+
+    def __init__(self, outcome: JobOutcome) -> None:
+        super().__init__(outcome.reason or outcome.state.value)
+        self.outcome = outcome
+
+
 class SeriesProcessor:
     """The :class:`dicom_node.worker.JobProcessor` the daemon runs in production."""
 
@@ -232,20 +240,32 @@ class SeriesProcessor:
 
     def _process(self, job: Job, manifest: SeriesManifest) -> JobOutcome:
         timings = JobTimings()
+        try:
+            volume = self._reconstruct(manifest, timings)
+            result = self._infer(job, volume, timings)
+            return self._write(job, volume, result, timings)
+        except _Finished as finished:
+            return finished.outcome
+
+    def _reconstruct(self, manifest: SeriesManifest, timings: JobTimings) -> CTVolume:
+        """Headers, selection, plan and every header-only check, then decoding: the volume in HU."""
         series = manifest.series_instance_uid
         with timings.stage("headers"):
             headers = read_headers(manifest)
         verdict = select_headers(series, headers, self.settings.selection)
         if not verdict.selected:
-            return JobOutcome.skipped(str(verdict.reason))
+            raise _Finished(JobOutcome.skipped(str(verdict.reason)))
         with timings.stage("plan"):
             plan = plan_series(
                 series, list(zip(manifest.instances, headers, strict=True)), self.settings.reconstruction
             )
         # What the SEG needs of the headers is refused here, before decoding and inference, not after them.
         if not plan.frame_of_reference_uid:
-            return JobOutcome.failed(
-                f"series {series}: no FrameOfReferenceUID (0020,0052): a SEG cannot be placed on it", FailureStage.INPUT
+            raise _Finished(
+                JobOutcome.failed(
+                    f"series {series}: no FrameOfReferenceUID (0020,0052): a SEG cannot be placed on it",
+                    FailureStage.INPUT,
+                )
             )
         check_referencable([(f.instance.record.path, f.header.frame_number) for f in plan.frames])
         parts: dict[str, float] = {}
@@ -260,26 +280,37 @@ class SeriesProcessor:
         timings.stages["reconstruct"] = timings.stages.pop("plan") + parts["assemble"]
         self.metrics.observe_stage("decode", timings.stages["decode"])
         self.metrics.observe_stage("reconstruct", timings.stages["reconstruct"])
+        return volume
+
+    def _infer(self, job: Job, volume: CTVolume, timings: JobTimings) -> SegmentationResult:
+        """The labels on the volume's grid; a backend that is away sends the job back to wait for it."""
         try:
             backend = self.backend.get()
         except BackendUnavailable as exc:
-            return JobOutcome.unavailable(f"inference backend unavailable: {exc}")
+            raise _Finished(JobOutcome.unavailable(f"inference backend unavailable: {exc}")) from exc
         except InferenceError as exc:
-            return JobOutcome.failed(f"inference backend unusable: {exc}", FailureStage.INFERENCE)
+            raise _Finished(JobOutcome.failed(f"inference backend unusable: {exc}", FailureStage.INFERENCE)) from exc
         t0 = time.perf_counter()
         try:
             result = segment(volume.image, self.spec, self.metrics.timed(backend))
         except BackendUnavailable as exc:
             self.backend.invalidate(backend, str(exc))
-            return JobOutcome.unavailable(f"inference backend lost during the job: {exc}")
+            raise _Finished(JobOutcome.unavailable(f"inference backend lost during the job: {exc}")) from exc
         except InferenceError as exc:
-            return JobOutcome.failed(f"series {series}: inference failed: {exc}", FailureStage.INFERENCE)
+            raise _Finished(
+                JobOutcome.failed(
+                    f"series {volume.series_instance_uid}: inference failed: {exc}", FailureStage.INFERENCE
+                )
+            ) from exc
         self.metrics.observe_stage("inference", time.perf_counter() - t0)
         for name, seconds in result.timings.items():
             timings.stages[f"inference.{name}"] = seconds
         timings.counts.update(windows_total=result.windows, windows_run=result.windows_run)
         self.db.record_windows(job.id, result.windows, result.windows_run)
+        return result
 
+    def _write(self, job: Job, volume: CTVolume, result: SegmentationResult, timings: JobTimings) -> JobOutcome:
+        """Burden, SEG, the derived objects and the publish folders, then the outbox: the job's outcome."""
         with timings.stage("burden"):
             burden = self._burden(job, result.label, result.lung_mask)
         out_dir = self.results_dir / f"job-{job.id}"
