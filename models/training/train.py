@@ -54,6 +54,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "finetune_p_hard": 0.35,
         "finetune_p_clean": 0.0,
         "calibrate_fp_ml": 0.0,
+        "consolidation_rule": True,
     },
     "v2": {
         "iters": 3500,
@@ -66,6 +67,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "finetune_p_hard": 0.55,
         "finetune_p_clean": 0.3,
         "calibrate_fp_ml": 5.0,
+        "consolidation_rule": True,
     },
 }
 
@@ -472,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         help="after training: lower the GGO logit until each clean training background has at most this many mL "
         "marked (calibrate.py; 0: no calibration, as v1; 5 in v2)",
     )
+    ap.add_argument(
+        "--consolidation-rule",
+        type=lambda v: {"on": True, "off": False}[v],
+        default=None,
+        metavar="on|off",
+        help="append the label definition of consolidation to the exported model (consolidation_rule.py; on in "
+        "both recipes)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (see README)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
@@ -485,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported now, not after training: an edit to the inference package during a run must not meet modules
     # loaded an hour earlier.
     import calibrate
+    import consolidation_rule
     import evaluate
     import evaluate_patterns
     import export
@@ -682,7 +693,15 @@ def main(argv: list[str] | None = None) -> int:
     net.eval()
     net = net.to(memory_format=torch.contiguous_format)  # the exported graph and its check see plain tensors
     onnx_path = args.out / "model.onnx"
-    export.export(net, onnx_path)
+
+    def export_model() -> None:
+        """The network, then (where the recipe says so) the consolidation rule after it: what the node serves,
+        and what the calibration measures."""
+        export.export(net, onnx_path)
+        if args.consolidation_rule:
+            consolidation_rule.append_rule(onnx_path, onnx_path)
+
+    export_model()
     shift, calibration_fp = 0.0, None
     if args.calibrate_fp_ml > 0:
         t0 = time.time()
@@ -691,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         calibrate.bake_shift(net, shift)
         torch.save(net.state_dict(), args.out / "model.pt")
-        export.export(net, onnx_path)
+        export_model()
         log(f"calibrated: GGO logit lowered by {shift} ({time.time() - t0:.0f} s): {calibration_fp}")
     info = {
         "recipe": args.recipe,
@@ -719,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate_fp_ml": args.calibrate_fp_ml,
         "calibration_shift": shift,
         "calibration_fp_ml": calibration_fp,
+        "consolidation_rule": args.consolidation_rule,
         "bn_recalibrate": args.bn_recalibrate,
         "finetune_fg_weight": args.finetune_fg_weight,
         "lesion_sampling": args.lesion_sampling,

@@ -41,6 +41,9 @@ def test_committed_model_is_small_and_named(spec) -> None:  # type: ignore[no-un
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert [i.name for i in model.graph.input] == [spec.model.input.name]
     assert [o.name for o in model.graph.output] == [spec.model.output.name]
+    # The label definition of consolidation ends the graph (models/training/consolidation_rule.py, MODEL_CARD.md).
+    assert {"rule_threshold", "rule_penalty"} <= {i.name for i in model.graph.initializer}
+    assert model.graph.node[-1].op_type == "Add" and model.graph.node[-1].output[0] == spec.model.output.name
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 224, 224, 32), (2, 1, 64, 48, 16)])
