@@ -8,6 +8,7 @@ memory against 4 x the float32 resampled volume plus the model's own working set
     python bench/infer.py [--backend onnxruntime|triton] [--cases lung1,big] [--model PATH.onnx]
     python bench/infer.py --chests [--backend ...]     # windows only where the lungs are, on the seven real CTs
     python bench/infer.py --shifts                     # why those are the whole grid's own windows
+    python bench/infer.py --shares                     # which windows a provably unchanged result needs
 
 Each case runs twice, with the bundled ``inferer.windows: lung_fields`` (windows over the lung fields only) and with
 ``all`` (today's whole grid), and prints windows total / run and model compute for both (issue 20). ``--chests``
@@ -215,6 +216,7 @@ def main() -> int:
     parser.add_argument("--child", nargs=3, metavar=("INPUT", "REPO", "WINDOWS"), help=argparse.SUPPRESS)
     parser.add_argument("--chests", action="store_true", help="windows and agreement on the seven real chest CTs")
     parser.add_argument("--shifts", action="store_true", help="one window moved by a few voxels: what changes")
+    parser.add_argument("--shares", action="store_true", help="the windows each chest's lung fields need, no model")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = parser.parse_args()
     if args.child:
@@ -228,6 +230,8 @@ def main() -> int:
         return chests(args.backend, repo)
     if args.shifts:
         return shifts(repo)
+    if args.shares:
+        return shares()
     inputs = _prepare_inputs()
     ok = True
     for name in args.cases.split(","):
@@ -400,6 +404,60 @@ def shifts(repo: Path) -> int:
             positives = int(((ref > 0) | (mov > 0))[inside].sum())
             print(f"{name} + {d:<6}{change.mean():>15.4f}{np.percentile(change, 99):>8.3f}{flips:>11} / {positives:<8}")
     backend.close()
+    return 0
+
+
+def shares() -> int:
+    """On each real chest CT, without the model: the whole grid's windows, those a lung-field voxel lies under,
+    those holding at least 1 % of the blend's weight at some lung-field voxel, and those the skip runs. Labels are
+    provably those of the whole grid only when every window of the second kind runs; any window skipped beyond
+    that changes the blended logit somewhere in the lungs, and a label flips where the logit was that close to 0."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from inference.lung_fields import block_air, blocks_lung_core, expand_blocks, grow_blocks
+    from inference.pipeline import lattice_filter, lattice_windows, lung_bounds
+    from inference.sliding_window import importance_map
+    from inference.transforms import resample_to_spacing
+
+    spec = _spec_with_windows("lung_fields")
+    roi = tuple(reversed(spec.inferer.roi_size))
+    weights = importance_map(roi, spec.inferer.mode, spec.inferer.sigma_scale)
+    lung_spec = spec.post.lung_fields
+    totals = np.zeros(4, dtype=int)
+    print(f"{'volume':<22}{'grid':>6}{'under lungs':>13}{'share >= 1 %':>14}{'skip runs':>11}")
+    for rel in CHESTS:
+        path = REPO.parent / "shared" / "data" / rel
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+        grid = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), spec.pre.spacing_mm, spec.pre.interpolation)
+        shape = tuple(reversed(grid.GetSize()))
+        air, block = block_air(grid, lung_spec)  # type: ignore[arg-type]
+        fields = grow_blocks(blocks_lung_core(air, lung_spec), air.GetSpacing(), lung_spec)  # type: ignore[arg-type]
+        lungs = expand_blocks(fields, block, shape)
+        windows = lattice_windows(shape, roi, spec.inferer.overlap)
+        local = [tuple(slice(0, s.stop - s.start) for s in w) for w in windows]
+        blend = np.zeros(shape, dtype=np.float32)
+        for w, own in zip(windows, local, strict=True):
+            blend[w] += weights[own]
+        under = weighty = 0
+        for w, own in zip(windows, local, strict=True):
+            inside = lungs[w]
+            if inside.any():
+                under += 1
+                weighty += bool((weights[own][inside] / blend[w][inside]).max() >= 0.01)
+        bounds = lung_bounds(fields, block, shape)
+        assert bounds is not None
+        keep = lattice_filter(fields, block, bounds, shape, roi, spec.inferer.overlap)
+        run = sum(keep(w) for w in windows)
+        row = np.array([len(windows), under, weighty, run])
+        totals += row
+        print(f"{path.name:<22}{row[0]:>6}{row[1]:>13}{row[2]:>14}{row[3]:>11}")
+    print(f"{'all seven':<22}{totals[0]:>6}{totals[1]:>13}{totals[2]:>14}{totals[3]:>11}")
     return 0
 
 
