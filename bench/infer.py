@@ -83,17 +83,13 @@ def _prepare_inputs() -> dict[str, Path]:
 
 
 def _model_repository(model: Path | None) -> Path:
-    repo = OUT / "model_repository"
-    onnx = repo / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx"
+    """The repository the benchmark serves: copied afresh from models/ at every run (a copy kept from an earlier
+    run goes stale when the committed model changes), with ``model`` in place of the committed ONNX file."""
+    from tests.model_export import build_model_repository
+
+    repo = build_model_repository(OUT / "model_repository")
     if model is not None:
-        from tests.model_export import build_model_repository
-
-        build_model_repository(repo)
-        onnx.write_bytes(model.read_bytes())
-    elif not onnx.is_file():
-        from tests.model_export import build_model_repository
-
-        build_model_repository(repo)
+        (repo / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx").write_bytes(model.read_bytes())
     return repo
 
 
