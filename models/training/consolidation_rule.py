@@ -15,9 +15,11 @@ both backends serve it unchanged:
    stay ground glass where the haze surrounds them, are removed from the mask;
 3. the ground-glass logit (channel 1) is lowered by ``PENALTY`` on what is left, so those voxels are background.
 
-The graph gains an AveragePool, a Greater, a Cast, three MaxPools with Negs (an opening is an erosion, -max(-x),
-then a dilation) and a Mul and an Add: a few percent of the network's own compute. Only ONNX's standard operators
-(opset 17) are used, written with onnx.helper, because the rule is fixed arithmetic with no weights to train.
+The graph gains 9 nodes: an AveragePool, a Greater, a Cast, two MaxPools with two Negs (an opening is an
+erosion, -max(-x), then a dilation), a Mul and an Add: pooling and elementwise work on one channel, beside the
+network's convolutions; ONNX Runtime's working set grows by about 32 MB at the bundled batch of 2 windows
+(``bench/infer.py``). Only ONNX's standard operators (opset 17) are used, written with onnx.helper, because the
+rule is fixed arithmetic with no weights to train.
 """
 
 from __future__ import annotations
