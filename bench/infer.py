@@ -270,6 +270,28 @@ COVID = "covid_ct_ricord/covid_ricord_1.nrrd"
 """Real COVID-19 ground glass (CC BY-NC 4.0: evaluation and reference only, never training): compared as it is."""
 
 
+def _read_chest(rel: str):  # type: ignore[no-untyped-def]
+    """One real CT of ../shared/data in float32 HU: a volume file, or a DICOM series folder."""
+    import SimpleITK as sitk
+
+    path = REPO.parent / "shared" / "data" / rel
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        return sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+    return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+
+
+def _lung_fields(grid, spec):  # type: ignore[no-untyped-def]
+    """The pipeline's lung fields on a model grid: (fields in blocks, block size, a voxel mask (z, y, x))."""
+    from inference.lung_fields import block_air, blocks_lung_core, expand_blocks, grow_blocks
+
+    lung_spec = spec.post.lung_fields
+    air, block = block_air(grid, lung_spec)
+    fields = grow_blocks(blocks_lung_core(air, lung_spec), air.GetSpacing(), lung_spec)
+    return fields, block, expand_blocks(fields, block, tuple(reversed(grid.GetSize())))
+
+
 def chests(backend_name: str, repo: Path) -> int:
     """Windows over the lung fields against the whole grid on every real chest CT: counts, model compute and the
     agreement of the labels (Dice), on the scan as it is and with ground glass inserted (seed 2020, which training
@@ -284,7 +306,6 @@ def chests(backend_name: str, repo: Path) -> int:
     sys.path.insert(0, str(REPO / "models" / "training"))
     import simulate
 
-    data = REPO.parent / "shared" / "data"
     settings = load_settings(None)
     settings = settings.model_copy(
         update={"inference": settings.inference.model_copy(update={"model_repository": repo})}
@@ -294,13 +315,7 @@ def chests(backend_name: str, repo: Path) -> int:
     rows = []
     with open_backend(settings, skip_spec, backend_name) as backend:
         for rel in (*CHESTS, COVID):
-            path = data / rel
-            if path.is_dir():
-                reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-                image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-            else:
-                image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+            image = _read_chest(rel)
             sp = image.GetSpacing()
             variants = [("clean", image)]
             if rel != COVID:
@@ -311,7 +326,7 @@ def chests(backend_name: str, repo: Path) -> int:
                 with_ggo = sitk.GetImageFromArray(hu2.astype(np.float32))
                 with_ggo.CopyInformation(image)
                 variants.append(("ggo", with_ggo))
-            row: dict[str, object] = {"volume": path.name}
+            row: dict[str, object] = {"volume": Path(rel).name}
             for label, img in variants:
                 full = segment(img, full_spec, backend)
                 skip = segment(img, skip_spec, backend)
@@ -358,18 +373,14 @@ def shifts(repo: Path) -> int:
     import numpy.typing as npt
     import SimpleITK as sitk
 
-    from inference.lung_fields import block_air, blocks_lung_core, expand_blocks, grow_blocks
     from inference.onnx_backend import OnnxRuntimeBackend
     from inference.transforms import normalise_intensity, resample_to_spacing
 
     spec = _spec_with_windows("all")
-    image = sitk.Cast(sitk.ReadImage(str(REPO.parent / "shared" / "data" / CHESTS[2])), sitk.sitkFloat32)
-    grid = resample_to_spacing(image, spec.pre.spacing_mm, spec.pre.interpolation)
+    grid = resample_to_spacing(_read_chest(CHESTS[2]), spec.pre.spacing_mm, spec.pre.interpolation)
     volume = np.clip(sitk.GetArrayFromImage(grid), spec.pre.intensity.a_min, spec.pre.intensity.a_max)
     volume = normalise_intensity(volume.astype(np.float32), spec.pre.intensity)
-    air, block = block_air(grid, spec.post.lung_fields)  # type: ignore[arg-type]
-    fields = grow_blocks(blocks_lung_core(air, spec.post.lung_fields), air.GetSpacing(), spec.post.lung_fields)  # type: ignore[arg-type]
-    lungs = expand_blocks(fields, block, volume.shape)  # type: ignore[arg-type]
+    _fields, _block, lungs = _lung_fields(grid, spec)
     rz, ry, rx = reversed(spec.inferer.roi_size)
     backend = OnnxRuntimeBackend(spec, spec.model.onnx_path(repo), 2)
 
@@ -409,9 +420,7 @@ def shares() -> int:
     provably those of the whole grid only when every window of the second kind runs; any window skipped beyond
     that changes the blended logit somewhere in the lungs, and a label flips where the logit was that close to 0."""
     import numpy as np
-    import SimpleITK as sitk
 
-    from inference.lung_fields import block_air, blocks_lung_core, expand_blocks, grow_blocks
     from inference.pipeline import lattice_filter, lattice_windows, lung_bounds
     from inference.sliding_window import importance_map
     from inference.transforms import resample_to_spacing
@@ -419,22 +428,12 @@ def shares() -> int:
     spec = _spec_with_windows("lung_fields")
     roi = tuple(reversed(spec.inferer.roi_size))
     weights = importance_map(roi, spec.inferer.mode, spec.inferer.sigma_scale)
-    lung_spec = spec.post.lung_fields
     totals = np.zeros(4, dtype=int)
     print(f"{'volume':<22}{'grid':>6}{'under lungs':>13}{'share >= 1 %':>14}{'skip runs':>11}")
     for rel in CHESTS:
-        path = REPO.parent / "shared" / "data" / rel
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(path))
-        grid = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), spec.pre.spacing_mm, spec.pre.interpolation)
+        grid = resample_to_spacing(_read_chest(rel), spec.pre.spacing_mm, spec.pre.interpolation)
         shape = tuple(reversed(grid.GetSize()))
-        air, block = block_air(grid, lung_spec)  # type: ignore[arg-type]
-        fields = grow_blocks(blocks_lung_core(air, lung_spec), air.GetSpacing(), lung_spec)  # type: ignore[arg-type]
-        lungs = expand_blocks(fields, block, shape)
+        fields, block, lungs = _lung_fields(grid, spec)
         windows = lattice_windows(shape, roi, spec.inferer.overlap)
         local = [tuple(slice(0, s.stop - s.start) for s in w) for w in windows]
         blend = np.zeros(shape, dtype=np.float32)
@@ -452,7 +451,7 @@ def shares() -> int:
         run = sum(keep(w) for w in windows)
         row = np.array([len(windows), under, weighty, run])
         totals += row
-        print(f"{path.name:<22}{row[0]:>6}{row[1]:>13}{row[2]:>14}{row[3]:>11}")
+        print(f"{Path(rel).name:<22}{row[0]:>6}{row[1]:>13}{row[2]:>14}{row[3]:>11}")
     print(f"{'all seven':<22}{totals[0]:>6}{totals[1]:>13}{totals[2]:>14}{totals[3]:>11}")
     return 0
 

@@ -1,6 +1,7 @@
 """Evaluate a model on the CT patterns of COVID-19 pneumonia, on held-out real backgrounds, through the node's pipeline.
 
     .venv/bin/python models/training/evaluate_patterns.py MODEL.onnx [--out metrics.json] [--cases 2]
+        [--patterns consolidation,...] [--windows all]   # a subset; the whole grid instead of the window skip
 
 For each held-out background (``backgrounds.HELDOUT``: lung2 and lidc_idri_0295, which no training step sees) and
 each pattern of ``patterns.PATTERNS``, ``--cases`` volumes are drawn with the *evaluation* settings
@@ -22,6 +23,7 @@ runs. Metrics on the CT's own grid:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -53,8 +55,11 @@ CRITERION = {"diffuse": "lungs"}
 class Segmenter:
     """One ONNX Runtime session for every volume of an evaluation (the node's backend and pipeline)."""
 
-    def __init__(self, onnx_path: Path, threads: int = 2) -> None:
+    def __init__(self, onnx_path: Path, threads: int = 2, windows: str | None = None) -> None:
+        """``windows``: the spec's ``inferer.windows`` instead of the bundled one (``all``: the whole grid)."""
         self.spec = common.spec()
+        if windows is not None:
+            self.spec = dataclasses.replace(self.spec, inferer=dataclasses.replace(self.spec.inferer, windows=windows))
         self.backend = OnnxRuntimeBackend(self.spec, onnx_path, intra_op_threads=threads)
 
     def __call__(self, img: sitk.Image) -> np.ndarray:
@@ -138,14 +143,13 @@ def evaluate_patterns(
     threads: int = 2,
     figures: Path | None = None,
     only: tuple[str, ...] = patterns.PATTERNS,
-    seg: Segmenter | None = None,
+    windows: str | None = None,
 ) -> dict:
     """The metrics of the module docstring; ``clean``: the backgrounds segmented as they are (false positives,
     solid nodules); ``figures``: a folder for one picture per pattern and background (``save_figure``, the first
-    case); ``only``: a subset of the patterns (each keeps its own seeds); ``seg``: a segmenter to use instead of
-    one on ``onnx_path`` (closed here all the same)."""
+    case); ``only``: a subset of the patterns (each keeps its own seeds); ``windows``: ``Segmenter``'s."""
     t0 = time.time()
-    seg = seg or Segmenter(onnx_path, threads)
+    seg = Segmenter(onnx_path, threads, windows)
     per: dict[str, dict] = {}
     try:
         for b_index, name in enumerate(heldout):
@@ -252,10 +256,19 @@ def main() -> int:
     ap.add_argument("--figures", type=Path, default=None, help="a folder for one PNG per pattern and background")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime and SimpleITK threads")
     ap.add_argument("--no-solids", action="store_true", help="clean volumes of the held-out backgrounds only")
+    ap.add_argument("--patterns", default=",".join(patterns.PATTERNS), help="a comma-separated subset, same seeds")
+    ap.add_argument(
+        "--windows", choices=("all", "lung_fields"), default=None, help="the sliding windows (default: the spec's)"
+    )
     args = ap.parse_args()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     clean = backgrounds.HELDOUT if args.no_solids else backgrounds.NAMES
-    m = evaluate_patterns(args.onnx, args.cases, clean=clean, threads=args.threads, figures=args.figures)
+    only = tuple(args.patterns.split(","))
+    if unknown := set(only) - set(patterns.PATTERNS):
+        ap.error(f"--patterns: unknown {sorted(unknown)}; known: {', '.join(patterns.PATTERNS)}")
+    m = evaluate_patterns(
+        args.onnx, args.cases, clean=clean, threads=args.threads, figures=args.figures, only=only, windows=args.windows
+    )
     if args.out:
         args.out.write_text(json.dumps(m, indent=2))
     return 0
