@@ -59,7 +59,8 @@ unit: install-test
 bench: install-test apt-test-deps
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
-# Retrain the reference model from scratch (CPU, about 105 min on 2 cores, within 120): models/training/README.md.
+# Retrain the reference model from scratch (CPU, 2 cores: 46 min on an Intel Xeon with AVX-512, about 108 on an AVX2
+# AMD EPYC; within 120): models/training/README.md.
 SEED ?= 0
 train: install
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0

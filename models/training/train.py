@@ -57,8 +57,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "consolidation_rule": True,
     },
     "v2": {
-        "iters": 3500,
-        "finetune_iters": 1000,
+        "iters": 4000,
+        "finetune_iters": 1200,
         "phase1_precision": "fp32",
         "memory_format": "channels_last",
         "lesion_sampling": "both",
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--iters", type=int, default=None, help="phase 1 iterations (recipe: 8,000 v1, 3,500 v2)")
+    ap.add_argument("--iters", type=int, default=None, help="phase 1 iterations (recipe: 8,000 v1, 4,000 v2)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=(96, 96, 16), help="x y z voxels (multiples of 8)")
     ap.add_argument("--norm", choices=common.NORMS, default="batch", help="normalisation layers (common.make_net)")
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "other summation order); 'contiguous' reproduces runs made before it existed",
     )
     ap.add_argument(
-        "--finetune-iters", type=int, default=None, help="phase 2: hard-negative-heavy iterations (2,000 v1, 1,000 v2)"
+        "--finetune-iters", type=int, default=None, help="phase 2: hard-negative-heavy iterations (2,000 v1, 1,200 v2)"
     )
     ap.add_argument("--finetune-final-iters", type=int, default=0)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
