@@ -284,11 +284,9 @@ def _read_chest(rel: str):  # type: ignore[no-untyped-def]
 
 def _lung_fields(grid, spec):  # type: ignore[no-untyped-def]
     """The pipeline's lung fields on a model grid: (fields in blocks, block size, a voxel mask (z, y, x))."""
-    from inference.lung_fields import block_air, blocks_lung_core, expand_blocks, grow_blocks
+    from inference.lung_fields import expand_blocks, lung_field_blocks
 
-    lung_spec = spec.post.lung_fields
-    air, block = block_air(grid, lung_spec)
-    fields = grow_blocks(blocks_lung_core(air, lung_spec), air.GetSpacing(), lung_spec)
+    fields, block = lung_field_blocks(grid, spec.post.lung_fields)
     return fields, block, expand_blocks(fields, block, tuple(reversed(grid.GetSize())))
 
 
