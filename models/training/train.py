@@ -2,16 +2,18 @@
 
     .venv/bin/python models/training/train.py --seed 0 --out models/training/runs/seed0 [--recipe v1|v2] [--install]
 
-Steps: (1) build (or load from models/training/.cache/) a pool of training volumes on the model grid. Recipe v2
-(the default, issue 17): the five ``backgrounds.TRAIN`` each as they are and with simulated COVID-19 patterns
+Steps: (0) recipe v2 (the default, issue 17) first runs recipe v1 from scratch into OUT/base (``--base-recipe``)
+and starts from that network; (1) build (or load from models/training/.cache/) a pool of training volumes on the
+model grid. Recipe v2: the five ``backgrounds.TRAIN`` each as they are and with simulated COVID-19 patterns
 (``patterns.py``, training settings), plus phantoms with patterns. Recipe v1 (the shipped model's): lung1 with
 ellipsoid GGOs under several seeds, one lesion-free copy, and phantoms. (2) train on random patches
 (lesion-centred, hard-negative-centred and uniform) with AdamW and Dice + cross-entropy, a fixed number of
 iterations, 2 threads, fixed seeds: phase 1 with BatchNorm on each batch's statistics, phase 2 (hard-negative
 emphasis) with BatchNorm frozen to its running statistics, so the network is tuned on exactly the normalisation
-inference uses; (3) export ``model.onnx`` (NV_MODEL_INPUT / NV_MODEL_OUTPUT, N,C,X,Y,Z, dynamic axes); (4)
-evaluate on backgrounds training never sees, writing ``metrics.json``: v2 with ``evaluate_patterns.py`` (lung2
-and lidc_idri_0295, per pattern, with pictures), v1 with ``evaluate.py`` (lung2, issue 4's protocol).
+inference uses (v2 runs phase 2 only, on its base's weights); (3) export ``model.onnx`` (NV_MODEL_INPUT /
+NV_MODEL_OUTPUT, N,C,X,Y,Z, dynamic axes); (4) evaluate on backgrounds training never sees, writing
+``metrics.json``: v2 with ``evaluate_patterns.py`` (lung2 and lidc_idri_0295, per pattern, with pictures), v1 with
+``evaluate.py`` (lung2, issue 4's protocol).
 ``--install`` copies the ONNX file into the Triton model repository
 (models/segmentation_ct_covid_lesion_v1/1/model.onnx).
 """
@@ -41,9 +43,13 @@ POOL_VERSION = 2
 PHASE1_P_FG, PHASE1_P_HARD = 0.5, 0.2  # phase 1's shares of lesion- and hard-negative-centred patches
 CACHE = Path(__file__).resolve().parent / ".cache"
 # What each recipe sets where an option is not given. v1 is the shipped model's (trained on a CPU with bfloat16,
-# whose float32 layout was "contiguous"); v2 fits 120 minutes on a 2-core AVX2 CPU (about 1 iteration a second).
+# whose float32 layout was "contiguous"). v2 (issue 17) first trains v1 from scratch (its base), then fine-tunes
+# that network on the five training backgrounds with the COVID-19 patterns: v1's phase 2 again, on v2's pool.
+# "v2-scratch" is the earlier v2, which trained on v2's pool from random weights (the model card's second to
+# fourth tries); it is kept so that those runs can be repeated.
 RECIPES: dict[str, dict[str, object]] = {
     "v1": {
+        "base_recipe": "none",
         "iters": 8000,
         "finetune_iters": 2000,
         "phase1_precision": "fp32",
@@ -57,6 +63,21 @@ RECIPES: dict[str, dict[str, object]] = {
         "consolidation_rule": True,
     },
     "v2": {
+        "base_recipe": "v1",
+        "iters": 0,
+        "finetune_iters": 2000,
+        "phase1_precision": "fp32",
+        "memory_format": "channels_last",
+        "lesion_sampling": "both",
+        "n_phantoms": 6,
+        "finetune_p_fg": 0.4,
+        "finetune_p_hard": 0.35,
+        "finetune_p_clean": 0.3,
+        "calibrate_fp_ml": 5.0,
+        "consolidation_rule": True,
+    },
+    "v2-scratch": {
+        "base_recipe": "none",
         "iters": 4000,
         "finetune_iters": 1200,
         "phase1_precision": "fp32",
@@ -377,7 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--iters", type=int, default=None, help="phase 1 iterations (recipe: 8,000 v1, 4,000 v2)")
+    ap.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="phase 1 iterations (8,000 v1, 4,000 v2-scratch; 0 v2, which starts from its base)",
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=(96, 96, 16), help="x y z voxels (multiples of 8)")
     ap.add_argument("--norm", choices=common.NORMS, default="batch", help="normalisation layers (common.make_net)")
@@ -404,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         "other summation order); 'contiguous' reproduces runs made before it existed",
     )
     ap.add_argument(
-        "--finetune-iters", type=int, default=None, help="phase 2: hard-negative-heavy iterations (2,000 v1, 1,200 v2)"
+        "--finetune-iters",
+        type=int,
+        default=None,
+        help="phase 2: hard-negative-heavy iterations (2,000 v1 and v2, 1,200 v2-scratch)",
     )
     ap.add_argument("--finetune-final-iters", type=int, default=0)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
@@ -428,10 +457,16 @@ def main(argv: list[str] | None = None) -> int:
         help="phase 2: class weight of GGO against background in the loss (above 1 trades specificity for recall)",
     )
     ap.add_argument(
-        "--finetune-p-fg", type=float, default=None, help="phase 2: share of lesion-centred patches (0.4 v1, 0.3 v2)"
+        "--finetune-p-fg",
+        type=float,
+        default=None,
+        help="phase 2: share of lesion-centred patches (0.4 v1 and v2, 0.3 v2-scratch)",
     )
     ap.add_argument(
-        "--finetune-p-hard", type=float, default=None, help="phase 2: share of hard-negative patches (0.35 v1, 0.55 v2)"
+        "--finetune-p-hard",
+        type=float,
+        default=None,
+        help="phase 2: share of hard-negative patches (0.35 v1 and v2, 0.55 v2-scratch)",
     )
     ap.add_argument(
         "--finetune-p-clean",
@@ -454,9 +489,25 @@ def main(argv: list[str] | None = None) -> int:
         help="above 1: the cross-entropy weighs each lesion's voxels by sqrt(V20 / V) clipped to [1, this] (V20: a "
         "20 mm lesion's voxels; see lesion_weights), in both phases; 1 keeps MONAI's plain DiceCELoss",
     )
-    ap.add_argument("--phase1-weights", type=Path, default=None, help="skip phase 1: its model_phase1.pt (same seed)")
     ap.add_argument(
-        "--n-per-background", type=int, default=8, help="v2: copies of each training background with patterns"
+        "--phase1-weights",
+        type=Path,
+        default=None,
+        help="skip phase 1 and start phase 2 from these weights: a model_phase1.pt of the same seed, or a base run's "
+        "model.pt (what --base-recipe passes)",
+    )
+    ap.add_argument(
+        "--base-recipe",
+        choices=("none", *RECIPES),
+        default=None,
+        help="first train this recipe from scratch (same seed and threads, no evaluation) into OUT/base, then start "
+        "phase 2 from its weights instead of running phase 1; 'none' trains from random weights",
+    )
+    ap.add_argument(
+        "--n-per-background",
+        type=int,
+        default=8,
+        help="v2, v2-scratch: copies of each training background with patterns",
     )
     ap.add_argument("--n-real", type=int, default=16, help="v1: lung1 copies with inserted GGO")
     ap.add_argument("--n-phantoms", type=int, default=None, help="procedural phantoms (22 v1, 6 v2)")
@@ -464,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         "--recipe",
         choices=tuple(RECIPES),
         default="v2",
-        help="v2: the five backgrounds with COVID-19 patterns (issue 17); v1: the shipped model's recipe (lung1 with "
-        "ellipsoid GGOs), which reproduces the committed model. Options left unset take the recipe's values.",
+        help="v2 (issue 17): v1 from scratch, then fine-tuned on the five backgrounds with COVID-19 patterns; v1: the "
+        "shipped model's recipe (lung1 with ellipsoid GGOs), which reproduces the committed network; v2-scratch: the "
+        "five backgrounds from random weights (earlier runs). Options left unset take the recipe's values.",
     )
     ap.add_argument(
         "--calibrate-fp-ml",
@@ -489,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.base_recipe == args.recipe:
+        ap.error(f"--base-recipe {args.base_recipe} is the recipe itself")
+    if args.base_recipe != "none" and args.phase1_weights is not None:
+        ap.error("--base-recipe trains the weights that --phase1-weights would give: pass one of them")
+    if args.base_recipe == "none" and args.phase1_weights is None and args.iters < 1:
+        ap.error("no phase 1 iterations and no weights to start from: pass --iters, --base-recipe or --phase1-weights")
     if args.bn_recalibrate > 0 and args.finetune_bn != "frozen":
         ap.error("--bn-recalibrate re-estimates statistics for a frozen phase 2: it needs --finetune-bn frozen")
 
@@ -510,6 +568,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
         logf.write(line + "\n")
         logf.flush()
+
+    t_base = 0.0
+    if args.base_recipe != "none":  # the same as running the base recipe's own command first, then this one
+        t0 = time.time()
+        log(f"base: recipe {args.base_recipe}, from scratch, into {args.out / 'base'}")
+        base_argv = ["--recipe", args.base_recipe, "--seed", str(args.seed), "--out", str(args.out / "base")]
+        base_argv += ["--threads", str(args.threads), "--memory-format", args.memory_format, "--no-eval"]
+        main(base_argv)
+        args.phase1_weights = args.out / "base" / "model.pt"
+        t_base = time.time() - t0
+        log(f"base: done in {t_base / 60:.1f} min")
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -745,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         "lesion_weight_max": args.lesion_weight_max,
         "phase1_seconds": round(t1, 1),
         "phase1_weights": str(args.phase1_weights) if args.phase1_weights else None,
+        "base_recipe": args.base_recipe,
+        "base_seconds": round(t_base, 1),
         "phase2_seconds": round(t2, 1),
         "train_seconds": round(t_train, 1),
         "its_per_second": round((n_iters if args.phase1_weights is None else args.finetune_iters) / t_train, 3),
@@ -762,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = common.REPO / "models" / "segmentation_ct_covid_lesion_v1" / "1" / "model.onnx"
         shutil.copyfile(onnx_path, dest)
         log(f"installed {dest}")
-    log(f"total {(time.time() - t_start) / 60:.1f} min")
+    log(f"total {(time.time() - t_start + t_base) / 60:.1f} min" + (" with the base" if t_base else ""))
     return 0
 
 
