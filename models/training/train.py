@@ -394,7 +394,8 @@ def sample_batch(  # type: ignore[no-untyped-def]
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with every option left unset taken from its recipe (``RECIPES``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
@@ -493,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         "--phase1-weights",
         type=Path,
         default=None,
-        help="skip phase 1 and start phase 2 from these weights: a model_phase1.pt of the same seed, or a base run's "
-        "model.pt (what --base-recipe passes)",
+        help="skip phase 1 (and the recipe's base) and start phase 2 from these weights: a model_phase1.pt of the "
+        "same seed, or a base run's model.pt (RUN/base/model.pt: the v2 fine-tune alone, without retraining v1)",
     )
     ap.add_argument(
         "--base-recipe",
@@ -538,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--install", action="store_true", help="copy model.onnx into the model repository")
     args = ap.parse_args(argv)
+    if args.phase1_weights is not None and args.base_recipe is None:
+        args.base_recipe = "none"  # given weights replace the recipe's base: one fine-tune from a base already trained
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -549,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no phase 1 iterations and no weights to start from: pass --iters, --base-recipe or --phase1-weights")
     if args.bn_recalibrate > 0 and args.finetune_bn != "frozen":
         ap.error("--bn-recalibrate re-estimates statistics for a frozen phase 2: it needs --finetune-bn frozen")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     # Imported now, not after training: an edit to the inference package during a run must not meet modules
     # loaded an hour earlier.
     import calibrate

@@ -119,3 +119,20 @@ def test_normal_lung_patches_come_from_the_clean_copy_and_leave_other_runs_as_th
     for _ in range(20):
         _x, y = train.sample_batch(pool, rng, 1, (32, 32, 8), 1.0, 0.0, p_spatial=0.0, p_clean=1.0, clean=[1])
         assert not y.any()  # p_fg is 1: a patch of the lesion volume would be centred on a lesion
+
+
+def test_recipe_v2_trains_its_base_unless_weights_are_given() -> None:
+    """v2 starts from recipe v1 trained from scratch; given weights (a base already trained) replace that stage, and
+    asking for both, or for no starting point at all, is refused before any training starts."""
+    v2 = train.parse_args(["--out", "run"])
+    assert (v2.recipe, v2.base_recipe, v2.iters, v2.finetune_iters) == ("v2", "v1", 0, 2000)
+    again = train.parse_args(["--out", "run", "--phase1-weights", "run/base/model.pt"])
+    assert again.base_recipe == "none" and again.finetune_iters == 2000
+    assert train.parse_args(["--out", "run", "--recipe", "v2-scratch"]).base_recipe == "none"
+    for argv in (
+        ["--out", "run", "--base-recipe", "v1", "--phase1-weights", "w.pt"],
+        ["--out", "run", "--base-recipe", "none"],
+        ["--out", "run", "--recipe", "v1", "--base-recipe", "v1"],
+    ):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
