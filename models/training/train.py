@@ -5,7 +5,8 @@
 Steps: (0) recipe v2 (the default, issue 17) first runs recipe v1 from scratch into OUT/base (``--base-recipe``)
 and starts from that network; (1) build (or load from models/training/.cache/) a pool of training volumes on the
 model grid. Recipe v2: the five ``backgrounds.TRAIN`` each as they are and with simulated COVID-19 patterns
-(``patterns.py``, training settings), plus phantoms with patterns. Recipe v1 (the shipped model's): lung1 with
+(``patterns.py``, training settings, 30 % of peripheral and multifocal lesions with a sharp margin), plus phantoms
+with patterns. Recipe v1 (the shipped model's): lung1 with
 ellipsoid GGOs under several seeds, one lesion-free copy, and phantoms. (2) train on random patches
 (lesion-centred, hard-negative-centred and uniform) with AdamW and Dice + cross-entropy, a fixed number of
 iterations, 2 threads, fixed seeds: phase 1 with BatchNorm on each batch's statistics, phase 2 (hard-negative
@@ -40,6 +41,7 @@ import patterns
 import simulate
 
 POOL_VERSION = 2
+N_REAL_V1 = 16  # recipe v1's lung1 copies with inserted GGO (its pool, also v2's rehearsal pool)
 PHASE1_P_FG, PHASE1_P_HARD = 0.5, 0.2  # phase 1's shares of lesion- and hard-negative-centred patches
 CACHE = Path(__file__).resolve().parent / ".cache"
 # What each recipe sets where an option is not given. v1 is the shipped model's (trained on a CPU with bfloat16,
@@ -59,6 +61,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "finetune_p_fg": 0.4,
         "finetune_p_hard": 0.35,
         "finetune_p_clean": 0.0,
+        "finetune_p_rehearse": 0.0,
+        "sharp_margins": 0.0,
         "calibrate_fp_ml": 0.0,
         "consolidation_rule": True,
     },
@@ -73,6 +77,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "finetune_p_fg": 0.4,
         "finetune_p_hard": 0.35,
         "finetune_p_clean": 0.3,
+        "finetune_p_rehearse": 0.0,
+        "sharp_margins": 0.3,
         "calibrate_fp_ml": 5.0,
         "consolidation_rule": True,
     },
@@ -87,6 +93,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "finetune_p_fg": 0.3,
         "finetune_p_hard": 0.55,
         "finetune_p_clean": 0.3,
+        "finetune_p_rehearse": 0.0,
+        "sharp_margins": 0.0,
         "calibrate_fp_ml": 5.0,
         "consolidation_rule": True,
     },
@@ -130,7 +138,7 @@ def _cached_pool(cache: Path, count: int, build, log) -> list[dict]:  # type: ig
     return pool  # type: ignore[no-any-return]
 
 
-def build_pool(seed: int, n_per_background: int, n_phantoms: int, log) -> tuple[list[dict], int]:  # type: ignore[no-untyped-def]
+def build_pool(seed: int, n_per_background: int, n_phantoms: int, log, sharp: float = 0.0) -> tuple[list[dict], int]:  # type: ignore[no-untyped-def]
     """The training pool on the model grid: for each of ``backgrounds.TRAIN`` one lesion-free copy and
     ``n_per_background`` copies with simulated COVID-19 patterns (``patterns``, training settings), then procedural
     phantoms with patterns too. Returns (pool, count of real items - 1): the real items come first, for
@@ -139,11 +147,13 @@ def build_pool(seed: int, n_per_background: int, n_phantoms: int, log) -> tuple[
     sp = tuple(float(v) for v in spec.pre.spacing_mm)
     n_real_items = len(backgrounds.TRAIN) * (n_per_background + 1)
     cache = CACHE / f"pool_v{POOL_VERSION}_seed{seed}_b{n_per_background}_p{n_phantoms}"
-    build = lambda: _pool_v2(seed, n_per_background, n_phantoms, spec, sp, log)  # noqa: E731
+    if sharp > 0:
+        cache = cache.with_name(f"{cache.name}_sharp{sharp:g}")
+    build = lambda: _pool_v2(seed, n_per_background, n_phantoms, spec, sp, log, sharp)  # noqa: E731
     return _cached_pool(cache, n_real_items + n_phantoms, build, log), n_real_items - 1
 
 
-def _pool_v2(seed: int, n_per_background: int, n_phantoms: int, spec, sp, log) -> list[dict]:  # type: ignore[no-untyped-def]
+def _pool_v2(seed: int, n_per_background: int, n_phantoms: int, spec, sp, log, sharp: float) -> list[dict]:  # type: ignore[no-untyped-def]
     t0 = time.time()
     rng = np.random.default_rng([seed, 1])
     pool: list[dict] = []
@@ -160,13 +170,13 @@ def _pool_v2(seed: int, n_per_background: int, n_phantoms: int, spec, sp, log) -
         for _ in range(n_per_background):
             chosen = _patterns_for(k, rng)
             k += 1
-            ins = patterns.insert(ctx, chosen, rng, "train", float(rng.uniform(0.5, 1.5)))
+            ins = patterns.insert(ctx, chosen, rng, "train", float(rng.uniform(0.5, 1.5)), sharp)
             pool.append(_item(ins.hu, ins.label, hard | ins.core, spec, rng))
         log(f"pool: {name} done ({len(pool)} volumes, {time.time() - t0:.0f} s)")
     for _ in range(n_phantoms):
         vol, nod = simulate.make_phantom(rng, sp)
         ctx = patterns.context(vol, sp, exclude=nod)
-        ins = patterns.insert(ctx, _patterns_for(k, rng), rng, "train", float(rng.uniform(0.5, 1.5)))
+        ins = patterns.insert(ctx, _patterns_for(k, rng), rng, "train", float(rng.uniform(0.5, 1.5)), sharp)
         k += 1
         pool.append(_item(ins.hu, ins.label, _hard_negatives(vol, ctx.lung, nod, sp) | ins.core, spec, rng))
     return pool
@@ -343,13 +353,19 @@ def sample_batch(  # type: ignore[no-untyped-def]
     per_lesion: bool = False,
     p_clean: float = 0.0,
     clean: Sequence[int] = (),
+    p_rehearse: float = 0.0,
+    rehearsal: Sequence[dict] = (),
 ):
     """``p_clean``: the share of patches from the lesion-free real copies ``clean`` (``index_clean``), centred on
-    their dense normal lung; 0 draws no random number for it, so runs without it are as before it existed."""
+    their dense normal lung; ``p_rehearse``: the share drawn from a second pool, ``rehearsal`` (the base recipe's),
+    with the same lesion / hard-negative / uniform centring. Either at 0 draws no random number for it, so runs
+    without it are as before it existed."""
     pz = (patch_xyz[2], patch_xyz[1], patch_xyz[0])
     xs, ys = [], []
     for _ in range(batch):
-        if p_clean > 0 and clean and rng.random() < p_clean:
+        if p_rehearse > 0 and rehearsal and rng.random() < p_rehearse:
+            it = rehearsal[int(rng.integers(len(rehearsal)))]
+        elif p_clean > 0 and clean and rng.random() < p_clean:
             it = pool[clean[int(rng.integers(len(clean)))]]
         elif p_real is None:  # uniform over the pool
             it = pool[int(rng.integers(len(pool)))]
@@ -477,6 +493,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(index_clean; 0 in v1, 0.3 in v2)",
     )
     ap.add_argument(
+        "--finetune-p-rehearse",
+        type=float,
+        default=None,
+        help="phase 2: share of patches from recipe v1's pool (lung1 with hard-edged ellipsoid GGOs whose vessels are "
+        "inside the label, and phantoms), meant to keep what the base learned there (0 in every recipe: at 0.25 the "
+        "v2 fine-tune measured the burden test's balls no better; model card, fifth try)",
+    )
+    ap.add_argument(
         "--lesion-sampling",
         choices=("voxel", "phase2", "both"),
         default=None,
@@ -510,7 +534,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="v2, v2-scratch: copies of each training background with patterns",
     )
-    ap.add_argument("--n-real", type=int, default=16, help="v1: lung1 copies with inserted GGO")
+    ap.add_argument(
+        "--sharp-margins",
+        type=float,
+        default=None,
+        help="v2, v2-scratch: share of the training pool's peripheral and multifocal lesions drawn with a step for a "
+        "margin instead of a 2-6 mm ramp (patterns.Draw.margin; 0 keeps the pools made before it existed)",
+    )
+    ap.add_argument("--n-real", type=int, default=N_REAL_V1, help="v1: lung1 copies with inserted GGO")
     ap.add_argument("--n-phantoms", type=int, default=None, help="procedural phantoms (22 v1, 6 v2)")
     ap.add_argument(
         "--recipe",
@@ -595,13 +626,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe == "v1":
         pool = build_pool_v1(args.seed, args.n_real, args.n_phantoms, log)
     else:
-        pool, args.n_real = build_pool(args.seed, args.n_per_background, args.n_phantoms, log)
+        pool, args.n_real = build_pool(args.seed, args.n_per_background, args.n_phantoms, log, args.sharp_margins)
     clean: list[int] = []
     if args.finetune_p_clean > 0:
         clean = index_clean(pool, args.n_real, tuple(float(v) for v in common.spec().pre.spacing_mm))
         log(f"pool: {len(clean)} lesion-free real copies indexed for phase 2's normal-lung patches")
+    rehearsal: list[dict] = []
+    if args.finetune_p_rehearse > 0 and args.finetune_iters > 0:
+        v1 = RECIPES["v1"]
+        rehearsal = build_pool_v1(args.seed, N_REAL_V1, int(v1["n_phantoms"]), log)  # type: ignore[call-overload]
+        log(f"pool: {len(rehearsal)} volumes of recipe v1's pool for phase 2's rehearsal patches")
     if args.lesion_sampling != "voxel":
         index_lesions(pool)
+        index_lesions(rehearsal)
         log(f"pool: {sum(len(it['lesions']) for it in pool)} lesions indexed for lesion-balanced sampling")
     t_pool = time.time() - t_start
 
@@ -650,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16: bool = False,
         per_lesion: bool = False,
         p_clean: float = 0.0,
+        p_rehearse: float = 0.0,
     ) -> float:
         lf = make_loss(fg_weight)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
@@ -680,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_lesion=per_lesion,
                 p_clean=p_clean,
                 clean=clean,
+                p_rehearse=p_rehearse,
+                rehearsal=rehearsal,
             )
             loss = lf(forward(x, bf16), y)
             opt.zero_grad(set_to_none=True)
@@ -761,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             fg_weight=args.finetune_fg_weight,
             per_lesion=args.lesion_sampling != "voxel",
             p_clean=args.finetune_p_clean,
+            p_rehearse=args.finetune_p_rehearse,
         )
     t_train = t1 + t2
     torch.save(net.state_dict(), args.out / "model.pt")
@@ -811,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_p_fg": args.finetune_p_fg,
         "finetune_p_hard": args.finetune_p_hard,
         "finetune_p_clean": args.finetune_p_clean,
+        "finetune_p_rehearse": args.finetune_p_rehearse,
+        "sharp_margins": args.sharp_margins,
         "calibrate_fp_ml": args.calibrate_fp_ml,
         "calibration_shift": shift,
         "calibration_fp_ml": calibration_fp,

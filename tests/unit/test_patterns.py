@@ -39,6 +39,20 @@ def test_draw_bands_of_the_two_splits_never_meet() -> None:
         patterns.Draw(np.random.default_rng(0), "test")
 
 
+def test_sharp_margins_are_drawn_in_training_only_and_leave_other_draws_as_they_were() -> None:
+    """A step margin for the share asked for, in the training split; the evaluation split (and a training draw at
+    0) consumes no random number for it, so the held-out lesions and the earlier pools stay exactly as they were."""
+    train = patterns.Draw(np.random.default_rng(0), "train", sharp=0.3)
+    widths = np.array([train.margin(0.2) for _ in range(2000)])
+    assert set(widths) == {0.2, patterns.SHARP_WIDTH}
+    assert 0.25 < float(np.mean(widths == patterns.SHARP_WIDTH)) < 0.35
+    for split, sharp in (("eval", 0.3), ("train", 0.0)):
+        with_margin = patterns.Draw(np.random.default_rng(1), split, sharp=sharp)
+        without = patterns.Draw(np.random.default_rng(1), split)
+        assert [with_margin.margin(0.2) for _ in range(50)] == [0.2] * 50
+        assert with_margin.uniform(0.0, 1.0) == without.uniform(0.0, 1.0)
+
+
 def test_scanner_is_measured_from_the_background(ctx: patterns.Context) -> None:
     assert 5.0 < ctx.scanner.noise_hu < 80.0
     assert 0.2 < ctx.scanner.psf_mm < 1.5

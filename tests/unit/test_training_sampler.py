@@ -136,3 +136,26 @@ def test_recipe_v2_trains_its_base_unless_weights_are_given() -> None:
     ):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
+
+
+def test_rehearsal_patches_come_from_the_second_pool_and_leave_other_runs_as_they_were() -> None:
+    """``p_rehearse`` draws patches from the base recipe's pool (v2's phase 2 replays v1's); at 0 it draws no random
+    number, so the runs made before it existed sample exactly the same patches."""
+    pool = _pool()
+    train.index_lesions(pool)
+    other = _pool()
+    other[0]["image"] = np.full(other[0]["label"].shape, 0.7, np.float16)
+    train.index_lesions(other)
+    before = train.sample_batch(pool, np.random.default_rng(5), 2, (32, 32, 8), 0.5, 0.2, per_lesion=True)
+    after = train.sample_batch(
+        pool, np.random.default_rng(5), 2, (32, 32, 8), 0.5, 0.2, per_lesion=True, p_rehearse=0.0, rehearsal=other
+    )
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(0)
+    from_other = 0
+    for _ in range(200):
+        x, _y = train.sample_batch(pool, rng, 1, (32, 32, 8), 0.5, 0.2, p_spatial=0.0, p_rehearse=0.25, rehearsal=other)
+        from_other += float(x.max()) > 0.4  # about 0.7 (gain, offset and noise of a few per cent) against 0.1
+    assert 0.15 <= from_other / 200 <= 0.35
+    assert train.parse_args(["--out", "run", "--finetune-p-rehearse", "0.25"]).finetune_p_rehearse == 0.25
