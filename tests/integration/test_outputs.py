@@ -10,10 +10,14 @@ study, as a PACS would).
   (``/instances/{id}/preview``) shows the outline where the SEG says the finding is;
 - the node's burden numbers match the inserted volumes within 5 %, per lung and in all.
 
-Why balls of uniform ground-glass HU rather than the training simulator's irregular lesions: their volume is exact
-by construction, and the bundled model finds such a ball to within about 2 % (its Dice on the simulator's faint,
-irregular lesions is about 0.74, so a random lesion's volume can be 10 % off, which would test the model rather
-than the burden numbers)."""
+Why balls rather than the simulator's irregular patterns: their volume is exact by construction and a ball is the
+plainest lesion there is, so a miss tests the burden numbers, not the model's reading of a pattern. They are drawn
+as the training renderer draws every lesion (``_insert_balls``): an edge blurred by the scan's own point-spread
+function and vessels that keep their density. Until 2026-12-06 the balls were a constant HU offset with a step edge
+at the CT's own pixels, sharper than any reconstruction makes, which also raised the vessels inside them to
+soft-tissue density (+100..+300 HU); a network trained on the issue-17 patterns, whose labels call such dense areas
+consolidation (background), measured those balls 7-10 % small and the rendered ones within 3.2 %; the v1 network
+measured the old balls +1.3 / -0.8 % and the rendered ones +4.4 / +1.5 %."""
 
 from __future__ import annotations
 
@@ -68,32 +72,36 @@ class Inserted:
 
 
 def _insert_balls(image: sitk.Image) -> tuple[sitk.Image, dict[str, float], dict[str, tuple[int, int, int]]]:
-    """lung1 with a ball of ground glass at the deepest point of each lung: the parenchyma inside it brought to the
-    ball's HU (added to what is there, so vessels stay brighter than the haze, as in the training simulator), the
-    ball cut to the lung (the simulator's HU-only lung mask, independent of the node's lung fields)."""
+    """lung1 with a ball of ground glass at the deepest point of each lung, drawn by the training renderer
+    (``models/training/patterns.py``): the parenchyma is brought to the ball's HU as filled air spaces, so vessels
+    keep their own density and stay visible through the haze, and the added density is blurred by the scan's own
+    point-spread function, as every reconstruction blurs an edge. The inserted volume is the renderer's label: the
+    ball within the simulator's HU-only lung mask (independent of the node's lung fields), airway lumen left out."""
     sys.path.insert(0, str(REPO / "models" / "training"))
-    from simulate import inside_distance_mm, lung_mask
+    import patterns
 
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     spacing = image.GetSpacing()
-    lung = lung_mask(hu, spacing)
-    depth = inside_distance_mm(lung, spacing)
+    ctx = patterns.context(hu, spacing, image.GetDirection())
     x_mm = image.GetOrigin()[0] + spacing[0] * np.arange(hu.shape[2])  # axial, identity direction
-    middle = float(np.median(np.broadcast_to(x_mm, hu.shape)[lung]))
+    middle = float(np.median(np.broadcast_to(x_mm, hu.shape)[ctx.lung]))
     z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(hu.shape, spacing[::-1], strict=True)], indexing="ij")
-    out = hu.copy()
-    ml: dict[str, float] = {}
+    field = patterns.Field.empty(hu.shape)
+    balls: dict[str, np.ndarray] = {}
     centres: dict[str, tuple[int, int, int]] = {}
     for side, radius, target in BALLS:
-        d = np.where((x_mm < middle) if side == "right" else (x_mm > middle), depth, 0.0)  # LPS: right is -x
+        d = np.where((x_mm < middle) if side == "right" else (x_mm > middle), ctx.dist, 0.0)  # LPS: right is -x
         c = np.unravel_index(int(np.argmax(d)), d.shape)
         assert d[c] > radius + 5, f"{side} lung too thin for the ball"
         ball = (z - c[0] * spacing[2]) ** 2 + (y - c[1] * spacing[1]) ** 2 + (x - c[2] * spacing[0]) ** 2 <= radius**2
-        ball &= lung
-        out += ball * (target - float(np.median(hu[ball & (hu < -600)])))
-        ml[side] = float(ball.sum()) * float(np.prod(spacing)) / 1000.0
+        balls[side] = ball & ctx.lung
+        field.w[balls[side]] = 1.0
+        field.target[balls[side]] = target
         centres[side] = (int(c[0]), int(c[1]), int(c[2]))
-    result = sitk.GetImageFromArray(np.rint(out).astype(np.int16))
+    drawn = patterns.render(ctx, field)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    ml = {side: float((drawn.label.astype(bool) & ball).sum()) * voxel_ml for side, ball in balls.items()}
+    result = sitk.GetImageFromArray(np.rint(drawn.hu).astype(np.int16))
     result.CopyInformation(image)
     return result, ml, centres
 
