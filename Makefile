@@ -59,8 +59,8 @@ unit: install-test
 bench: install-test apt-test-deps
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
-# Retrain the reference model from scratch: recipe v1 as the base, then fine-tuned on the five training backgrounds
-# (CPU, 2 cores: about 94 min on an Intel Xeon with AVX-512; about 3.7 h estimated on an AVX2 AMD EPYC, over 120 min;
+# Retrain the bundled model from scratch: recipe v1 as the base, then fine-tuned on the five training backgrounds
+# (CPU, 2 cores: about 96 min on an Intel Xeon with AVX-512; about 3.7 h estimated on an AVX2 AMD EPYC, over 120 min;
 # TRAIN_ARGS='--recipe v2-scratch' is the earlier 46 / 108 min recipe): models/training/README.md.
 SEED ?= 0
 train: install
