@@ -498,7 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="phase 2: share of patches from recipe v1's pool (lung1 with hard-edged ellipsoid GGOs whose vessels are "
         "inside the label, and phantoms), meant to keep what the base learned there (0 in every recipe: at 0.25 the "
-        "v2 fine-tune measured the burden test's balls no better; model card, fifth try)",
+        "v2 fine-tune measured the burden test's balls no better; model card, sixth try)",
     )
     ap.add_argument(
         "--lesion-sampling",
